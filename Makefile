@@ -1,0 +1,26 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: dev test demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+dev: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) -m timm_qconv quantize --model resnet18 --bits 4 --functions 32 --iters 50 --out demo_out/resnet18_q4
+
+bench: $(STAMP)
+	$(PY) benchmarks/qat_overhead.py
+	$(PY) benchmarks/ptq_speed.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

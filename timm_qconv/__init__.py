@@ -1,0 +1,16 @@
+"""timm_qconv: few-bit weight quantization for PyTorch and timm models."""
+from ._registry import get_method, list_methods, make_config, register_method
+from .config import QuantConfig
+from .convert import freeze_model, hash_loss, plan_quantization, quantizeModel, quantize_model, quantized_layers
+from .hookspecs import hookimpl
+from .layers import QuantConv2d, QuantLinear, QuantMixin
+from .methods import HashConfig, KMeansConfig, LinearConfig, LogConfig, PolyConfig, Quantizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuantConv2d", "QuantLinear", "QuantMixin", "Quantizer", "QuantConfig", "HashConfig", "KMeansConfig",
+    "LinearConfig", "LogConfig", "PolyConfig", "get_method", "list_methods", "make_config",
+    "register_method", "hookimpl", "quantize_model", "quantizeModel", "freeze_model", "hash_loss",
+    "plan_quantization", "quantized_layers", "__version__",
+]

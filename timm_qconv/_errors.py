@@ -1,0 +1,49 @@
+"""Argument checks shared by configs, layers and conversion.
+
+Every check raises with the argument's name, the value it got and what is allowed, so that a
+user reading only the last line of a traceback knows what to change.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterable, Sequence
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """Return ``value`` if it is an ``int`` in ``[low, high]``; raise ``TypeError``/``ValueError`` otherwise."""
+    allowed = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}={value!r} has type {type(value).__name__}; expected {allowed}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name}={value!r} is out of range; expected {allowed}")
+    return value
+
+
+def check_float(name: str, value: Any, low: float = 0.0, *, strict: bool = True) -> float:
+    """Return ``value`` as a float if it is a finite real number above ``low`` (or at least ``low``)."""
+    relation = ">" if strict else ">="
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}={value!r} has type {type(value).__name__}; expected a number {relation} {low}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")) or value < low or (strict and value == low):
+        raise ValueError(f"{name}={value!r} is out of range; expected a finite number {relation} {low}")
+    return value
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
+    """Return ``value`` if it is one of the strings in ``allowed``."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name}={value!r} has type {type(value).__name__}; expected one of {list(allowed)}")
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; expected one of {list(allowed)}")
+    return value
+
+
+def closest(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:
+    """The candidates that look most like ``word`` (for 'did you mean' messages)."""
+    candidates = list(candidates)
+    found = difflib.get_close_matches(word, candidates, n=n, cutoff=0.5)
+    if not found:  # fall back to a shared prefix, useful for dotted module names
+        stem = word.split("*")[0].split("?")[0].split(".")[0]
+        found = [c for c in candidates if stem and c.startswith(stem)][:n]
+    return found

@@ -1,0 +1,109 @@
+"""The method registry: a dict from name to quantizer class, with ``list_methods``/``get_method``.
+
+Built-in methods add themselves through the same ``register_methods`` hook that plugins use
+(see :mod:`timm_qconv.plugins`); :func:`register_method` is the decorator form for code that
+defines a method directly.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from .config import QuantConfig
+
+if TYPE_CHECKING:
+    from .methods.base import Quantizer
+
+_METHODS: dict[str, type["Quantizer"]] = {}
+_OWNERS: dict[str, str] = {}  # method name -> who registered it, for clash messages
+_loaded = False
+
+Q = TypeVar("Q", bound=type)
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        from .plugins import load_methods
+
+        load_methods()
+
+
+def add_method(name: str, cls: type["Quantizer"], owner: str = "timm_qconv") -> None:
+    """Register ``cls`` under ``name``; a name already taken by another class is an error."""
+    from .methods.base import Quantizer
+
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"method name {name!r} from {owner} must be a Python identifier")
+    if not (isinstance(cls, type) and issubclass(cls, Quantizer)):
+        raise TypeError(f"method {name!r} from {owner}: {cls!r} is not a Quantizer subclass")
+    existing = _METHODS.get(name)
+    if existing is not None and existing is not cls:
+        raise ValueError(
+            f"method name {name!r} registered by {owner} is already taken by {_OWNERS[name]} "
+            f"({existing.__module__}.{existing.__qualname__})"
+        )
+    _METHODS[name] = cls
+    _OWNERS[name] = owner
+    cls.name = name
+
+
+def remove_method(name: str) -> None:
+    """Forget a method (used when a plugin is unregistered)."""
+    _METHODS.pop(name, None)
+    _OWNERS.pop(name, None)
+
+
+def register_method(name: str) -> Callable[[Q], Q]:
+    """Class decorator: ``@register_method("mine")`` registers the class and returns it unchanged."""
+
+    def decorator(cls: Q) -> Q:
+        add_method(name, cls, owner=cls.__module__)
+        return cls
+
+    return decorator
+
+
+def list_methods(pattern: str = "*") -> list[str]:
+    """Sorted names of the registered methods matching the glob ``pattern``."""
+    _ensure_loaded()
+    return sorted(n for n in _METHODS if fnmatch.fnmatchcase(n, pattern))
+
+
+def get_method(method: "str | type[Quantizer]") -> type["Quantizer"]:
+    """Resolve a method name (or pass a Quantizer class through)."""
+    from .methods.base import Quantizer
+
+    if isinstance(method, type) and issubclass(method, Quantizer):
+        return method
+    if not isinstance(method, str):
+        raise TypeError(
+            f"method={method!r} has type {type(method).__name__}; expected a method name, "
+            f"a Quantizer class or a QuantConfig"
+        )
+    _ensure_loaded()
+    if method not in _METHODS:
+        raise ValueError(f"method={method!r} is unknown; known methods: {sorted(_METHODS)}")
+    return _METHODS[method]
+
+
+def make_config(method: "str | type[Quantizer] | QuantConfig" = "hash", **options: Any) -> QuantConfig:
+    """Resolve ``method`` (a name, a Quantizer class or a config) and ``options`` into a validated config.
+
+    With a config object, ``options`` override its fields (``None`` values are ignored).
+    """
+    options = {k: v for k, v in options.items() if v is not None}
+    if isinstance(method, QuantConfig):
+        config_owner(method)  # must belong to a registered method
+        return type(method).from_kwargs(**{**method.to_dict(), **options})
+    return get_method(method).config_class.from_kwargs(**options)
+
+
+def config_owner(config: QuantConfig) -> "type[Quantizer]":
+    """The registered method whose config class is ``type(config)``."""
+    _ensure_loaded()
+    for cls in _METHODS.values():
+        if cls.config_class is type(config):
+            return cls
+    raise ValueError(f"config {type(config).__name__} belongs to no registered method; known: {sorted(_METHODS)}")

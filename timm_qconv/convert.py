@@ -1,0 +1,240 @@
+"""Whole-model conversion: pick layers, swap them for quantized ones, freeze them back to plain ones.
+
+:func:`quantize_model` works in place, in two phases: it selects and builds every replacement
+first, and swaps modules only when all of them were built, so a bad argument or a bad layer leaves
+the model exactly as it was.
+"""
+from __future__ import annotations
+
+import fnmatch
+import functools
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ._errors import check_choice, closest
+from ._registry import make_config
+from .layers import MODES, QUANT_LAYERS, QuantMixin
+
+FilterFn = Callable[[nn.Module, str], bool]
+_LAYER_NAMES = {"conv": nn.Conv2d, "conv2d": nn.Conv2d, "linear": nn.Linear}
+_CONVERT_ARGS = {"method", "layers", "avoid", "skip_first_last", "mode", "filter_fn"}
+
+
+def _as_layer_types(layers: Any) -> tuple[type[nn.Module], ...]:
+    allowed = f"a tuple of {[t.__name__ for t in QUANT_LAYERS]} or of the names {sorted(_LAYER_NAMES)}"
+    items = (layers,) if isinstance(layers, (str, type)) else layers
+    if not isinstance(items, Iterable) or not (items := tuple(items)):
+        raise TypeError(f"layers={layers!r} is not allowed; expected {allowed}")
+    kinds = []
+    for item in items:
+        if not isinstance(item, (str, type)):
+            raise TypeError(f"layers entry {item!r} has type {type(item).__name__}; expected {allowed}")
+        kind = _LAYER_NAMES.get(item.lower()) if isinstance(item, str) else item
+        if kind not in QUANT_LAYERS:
+            raise ValueError(f"layers entry {item!r} is not allowed; expected {allowed}")
+        kinds.append(kind)
+    return tuple(kinds)
+
+
+def _as_patterns(name: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = (value,) if isinstance(value, str) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise TypeError(f"{name}={value!r} must be a module name, a glob pattern, or a list of them") from None
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"{name} entry {item!r} has type {type(item).__name__}; expected a module name or glob pattern (str)")
+    return items
+
+
+def _matches(fqn: str, pattern: str) -> bool:
+    # A pattern names the module itself or anything under it ("layer4" covers "layer4.0.conv1").
+    return fnmatch.fnmatchcase(fqn, pattern) or fnmatch.fnmatchcase(fqn, pattern + ".*")
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    return () if not value else (value,) if isinstance(value, str) else tuple(value)
+
+
+def _first_last_names(model: nn.Module, candidates: Sequence[str]) -> set[str]:
+    """The stem conv and the classifier among ``candidates``.
+
+    timm models name them in ``pretrained_cfg`` (``first_conv``, ``classifier``); other models
+    fall back to the first and the last candidate layer.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+
+    def under(names: tuple[str, ...]) -> list[str]:
+        return [c for c in candidates if any(c == n or c.startswith(n + ".") for n in names)]
+
+    first = under(_names(cfg["first_conv"])) if "first_conv" in cfg else list(candidates[:1])
+    last = under(_names(cfg["classifier"])) if "classifier" in cfg else list(candidates[-1:])
+    return set(first) | set(last)
+
+
+def plan_quantization(
+    model: nn.Module,
+    layers: Any = (nn.Conv2d,),
+    avoid: Any = (),
+    skip_first_last: bool = False,
+    filter_fn: FilterFn | None = None,
+) -> list[str]:
+    """Names of the layers :func:`quantize_model` would replace, in module order (nothing is changed)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model={type(model).__name__} is not an nn.Module")
+    kinds = _as_layer_types(layers)
+    patterns = _as_patterns("avoid", avoid)
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn={filter_fn!r} must be callable as filter_fn(module, name) -> bool")
+    if not isinstance(skip_first_last, bool):
+        raise TypeError(f"skip_first_last={skip_first_last!r} must be a bool")
+
+    names = [n for n, _ in model.named_modules() if n]
+    for pattern in patterns:
+        if not any(_matches(n, pattern) for n in names):
+            raise ValueError(f"avoid entry {pattern!r} matches no module; closest names: {closest(pattern, names)}")
+
+    candidates = []
+    for fqn, module in model.named_modules():
+        # Exact plain layers only: subclasses with their own forward (timm's Conv2dSame, StdConv2d)
+        # would lose their behaviour if swapped.
+        if isinstance(module, QuantMixin) or type(module) not in kinds:
+            continue
+        candidates.append(fqn)
+    skipped = _first_last_names(model, candidates) if (skip_first_last and candidates) else set()
+    modules = dict(model.named_modules())
+    chosen = [
+        fqn for fqn in candidates
+        if fqn not in skipped
+        and not any(_matches(fqn, p) for p in patterns)
+        and (filter_fn is None or filter_fn(modules[fqn], fqn))
+    ]
+    if not chosen:
+        raise ValueError(
+            f"no layer of {type(model).__name__} matches layers={[k.__name__ for k in kinds]}, avoid={list(patterns)}, "
+            f"skip_first_last={skip_first_last}" + (", filter_fn" if filter_fn else "")
+            + f"; candidate layers: {candidates[:10]}{' ...' if len(candidates) > 10 else ''}"
+        )
+    return chosen
+
+
+def _set_everywhere(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
+    """Swap modules by identity under every parent that holds them (shared modules included)."""
+    for parent in model.modules():
+        for child_name, child in list(parent.named_children()):
+            new = replacements.get(id(child))
+            if new is not None:
+                setattr(parent, child_name, new)
+
+
+def quantize_model(
+    model: nn.Module,
+    method: Any = "hash",
+    n_bits: int | None = None,
+    n_functions: int | None = None,
+    layers: Any = (nn.Conv2d,),
+    avoid: Any = (),
+    skip_first_last: bool = False,
+    mode: str = "ste",
+    filter_fn: FilterFn | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Replace the model's Conv2d (and, when asked, Linear) layers with quantized ones, in place.
+
+    Args:
+        model: any ``nn.Module``, timm models included.
+        method: a method name (see :func:`~timm_qconv.list_methods`), Quantizer class or config.
+        n_bits: bits per weight, 1..8 (``None``: the method's default).
+        n_functions: groups of output channels per layer (``None``: the method's default).
+        layers: layer kinds to quantize: ``nn.Conv2d``, ``nn.Linear`` or both (or ``"conv"``, ``"linear"``).
+        avoid: module names or glob patterns to leave in float (a name covers its submodules).
+        skip_first_last: leave the stem conv and the classifier in float (timm's ``pretrained_cfg``
+            ``first_conv``/``classifier`` when the model has them).
+        mode: ``"ste"`` or ``"float"`` training, see :mod:`timm_qconv.layers`.
+        filter_fn: ``filter_fn(module, name) -> bool``; only layers it accepts are quantized.
+        **options: the method's own options.
+    Returns:
+        the same model object, converted.
+    """
+    config = make_config(method, n_bits=n_bits, n_functions=n_functions, **options)
+    check_choice("mode", mode, MODES)
+    chosen = plan_quantization(model, layers, avoid, skip_first_last, filter_fn)
+    modules = dict(model.named_modules())
+    for fqn in chosen:  # check everything before building anything
+        weight = modules[fqn].weight
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(f"layer {fqn!r} has non-finite weights (NaN or inf); fix them or pass avoid=[{fqn!r}]")
+    replacements = {}
+    for fqn in chosen:
+        module = modules[fqn]
+        replacements[id(module)] = QUANT_LAYERS[type(module)].from_float(module, method=config, mode=mode)
+    _set_everywhere(model, replacements)
+    return model
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, QuantMixin]]:
+    """``(name, layer)`` for every quantized layer of ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantMixin)]
+
+
+def hash_loss(model: nn.Module, wrt_weights: bool = False) -> Tensor:
+    """Sum of the quantized layers' hash losses (mean squared quantization error of each)."""
+    losses = [m.hash_loss(wrt_weights) for _, m in quantized_layers(model)]
+    if not losses:
+        raise ValueError(f"model {type(model).__name__} has no quantized layer; call quantize_model first")
+    return torch.stack(losses).sum()
+
+
+def freeze_model(model: nn.Module) -> nn.Module:
+    """Replace every quantized layer by a plain ``nn.Conv2d``/``nn.Linear`` holding its quantized weight.
+
+    In place; returns the model. The result runs and loads without timm_qconv installed.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model={type(model).__name__} is not an nn.Module")
+    if isinstance(model, QuantMixin):
+        return model.to_float()
+    _set_everywhere(model, {id(m): m.to_float() for _, m in quantized_layers(model)})
+    return model
+
+
+def quantizeModel(n_functions: int | None = None, n_bits: int | None = None, **kwargs: Any) -> Callable[[Any], Any]:
+    """The prototype's decorator, kept for compatibility.
+
+    ``@quantizeModel(n_functions=4, n_bits=2)`` on an ``nn.Module`` class quantizes every instance at
+    the end of its ``__init__``; ``quantizeModel(...)(model)`` converts an existing instance. Both
+    give the model a ``get_hash_loss()`` method. Other keywords go to :func:`quantize_model`.
+    """
+    make_config(kwargs.get("method", "hash"), n_bits=n_bits, n_functions=n_functions,
+                **{k: v for k, v in kwargs.items() if k not in _CONVERT_ARGS})  # fail at decoration time
+
+    def convert(model: nn.Module) -> nn.Module:
+        return quantize_model(model, n_bits=n_bits, n_functions=n_functions, **kwargs)
+
+    def decorate(target: Any) -> Any:
+        if isinstance(target, type) and issubclass(target, nn.Module):
+            original_init = target.__init__
+
+            @functools.wraps(original_init)
+            def __init__(self, *args: Any, **kw: Any) -> None:
+                original_init(self, *args, **kw)
+                if not getattr(self, "_timm_qconv_converted", False):  # once, for nested decorated classes
+                    convert(self)
+                    self._timm_qconv_converted = True
+
+            target.__init__ = __init__
+            target.get_hash_loss = hash_loss
+            return target
+        if isinstance(target, nn.Module):
+            convert(target)
+            target.get_hash_loss = functools.partial(hash_loss, target)
+            return target
+        raise TypeError(f"quantizeModel decorates an nn.Module class or instance, not {target!r}")
+
+    return decorate
+

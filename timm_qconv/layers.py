@@ -1,0 +1,186 @@
+"""Quantization-aware layers: :class:`QuantConv2d` and :class:`QuantLinear`.
+
+Each layer keeps its float weight and owns a :class:`~timm_qconv.methods.base.Quantizer`. The
+forward runs the ordinary ``conv2d``/``linear`` on a transformed weight, as timm's ``StdConv2d`` does:
+
+* ``mode="ste"`` (default): the quantized weight is used while training, and the gradient reaches
+  the float weight straight through the rounding (Bengio et al., 2013) and the quantizer's
+  parameters through the levels.
+* ``mode="float"``: the prototype's behaviour; training uses the float weight and the quantizer
+  learns only through the hash loss (:meth:`QuantMixin.hash_loss`).
+
+In eval mode both modes use the quantized weight.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._errors import check_choice
+from ._registry import config_owner, make_config
+from .config import QuantConfig
+from .methods.base import Quantizer
+
+MODES = ("ste", "float")
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the quantized weight. Backward: its gradient goes to both the quantized weight
+    (hence the quantizer's parameters) and, unchanged, to the float weight. No copies."""
+
+    @staticmethod
+    def forward(ctx: Any, quantized: Tensor, weight: Tensor) -> Tensor:
+        return quantized.view_as(quantized)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        return grad, grad
+
+
+class QuantMixin:
+    """What :class:`QuantConv2d` and :class:`QuantLinear` share; mixed into an ``nn`` layer class."""
+
+    weight: nn.Parameter
+    quant_config: QuantConfig
+    quantizer: Quantizer | None
+    mode: str
+    _float_class: type[nn.Module]
+
+    def _setup_quant(self, method: Any, n_bits: int | None, n_functions: int | None, mode: str, options: dict) -> None:
+        self.quant_config = make_config(method, n_bits=n_bits, n_functions=n_functions, **options)
+        self.mode = check_choice("mode", mode, MODES)
+        self.quantizer = None
+        if not self.weight.is_meta:
+            self.reset_quantizer()
+
+    def reset_quantizer(self) -> None:
+        """(Re)build the quantizer from the current weight, e.g. after loading pretrained float weights."""
+        weight = self.weight.detach()
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(f"weight of {self._get_name()} {tuple(weight.shape)} has non-finite values; cannot quantize it")
+        self.quantizer = config_owner(self.quant_config)(weight, self.quant_config)
+
+    def quantized_weight(self) -> Tensor:
+        """The weight as used in eval: quantized, with the straight-through gradient."""
+        return _StraightThrough.apply(self.quantizer(self.weight), self.weight)
+
+    def forward_weight(self) -> Tensor:
+        """The weight this forward uses: float while training in ``"float"`` mode, else quantized."""
+        if self.training and self.mode == "float":
+            return self.weight
+        return self.quantized_weight()
+
+    def hash_loss(self, wrt_weights: bool = False) -> Tensor:
+        """Mean squared error between the quantized and the float weight.
+
+        Differentiable in the quantizer's parameters; with ``wrt_weights=True`` also in the weight,
+        pulling each weight towards its level.
+        """
+        weight = self.weight if wrt_weights else self.weight.detach()
+        return (self.quantizer(self.weight).float() - weight.float()).pow(2).mean()
+
+    @torch.no_grad()
+    def eval_quantized_weight(self) -> Tensor:
+        """The quantized weight as eval mode computes it, whatever mode the layer is in now."""
+        was_training = self.quantizer.training
+        self.quantizer.eval()
+        try:
+            return self.quantizer(self.weight)
+        finally:
+            self.quantizer.train(was_training)
+
+    def to_float(self) -> nn.Module:
+        """A plain ``nn`` layer holding the quantized weight (no timm_qconv needed to run or load it)."""
+        plain = self._float_class(**self._float_kwargs(), device="meta", dtype=self.weight.dtype)
+        plain.weight = nn.Parameter(self.eval_quantized_weight(), requires_grad=self.weight.requires_grad)
+        plain.bias = self.bias
+        plain.train(self.training)
+        return plain
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Module,
+        method: Any = "hash",
+        n_bits: int | None = None,
+        n_functions: int | None = None,
+        mode: str = "ste",
+        **options: Any,
+    ) -> "QuantMixin":
+        """Quantized twin of a plain layer; it shares the layer's weight and bias parameters."""
+        if not isinstance(module, cls._float_class):
+            raise TypeError(f"module={type(module).__name__} cannot become {cls.__name__}; expected {cls._float_class.__name__}")
+        layer = cls(**_float_kwargs_of(module), device="meta", dtype=module.weight.dtype,
+                    method=method, n_bits=n_bits, n_functions=n_functions, mode=mode, **options)
+        layer.weight = module.weight
+        layer.bias = module.bias
+        layer.reset_quantizer()
+        layer.train(module.training)
+        return layer
+
+    def _float_kwargs(self) -> dict[str, Any]:
+        return _float_kwargs_of(self)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, method={config_owner(self.quant_config).name}, n_bits={self.quant_config.n_bits}, mode={self.mode}"
+
+
+def _float_kwargs_of(module: nn.Module) -> dict[str, Any]:
+    """Constructor arguments (without device and dtype) that rebuild ``module``'s plain layer."""
+    if isinstance(module, nn.Conv2d):
+        return dict(
+            in_channels=module.in_channels, out_channels=module.out_channels, kernel_size=module.kernel_size,
+            stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups,
+            bias=module.bias is not None, padding_mode=module.padding_mode,
+        )
+    if isinstance(module, nn.Linear):
+        return dict(in_features=module.in_features, out_features=module.out_features, bias=module.bias is not None)
+    raise TypeError(f"module={type(module).__name__} is not an nn.Conv2d or nn.Linear")
+
+
+class QuantConv2d(QuantMixin, nn.Conv2d):
+    """Drop-in ``nn.Conv2d`` whose weight is quantized to ``n_bits`` by ``method``.
+
+    Takes ``nn.Conv2d``'s arguments plus:
+
+    Args:
+        method: method name (``"hash"``, ``"linear"``, ``"poly"``, ``"log"``, ``"kmeans"`` or a
+            plugin's), a Quantizer class, or a config object.
+        n_bits: bits per weight (1..8); ``None`` takes the method's default.
+        n_functions: groups of output channels, each with its own levels; ``None`` = default.
+        mode: ``"ste"`` or ``"float"`` (see the module docstring).
+        **options: the method's own options (its config's fields).
+    """
+
+    _float_class = nn.Conv2d
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
+                 dilation: Any = 1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 device: Any = None, dtype: Any = None, *, method: Any = "hash", n_bits: int | None = None,
+                 n_functions: int | None = None, mode: str = "ste", **options: Any) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device=device, dtype=dtype)
+        self._setup_quant(method, n_bits, n_functions, mode, options)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv_forward(input, self.forward_weight(), self.bias)
+
+
+class QuantLinear(QuantMixin, nn.Linear):
+    """Drop-in ``nn.Linear`` whose weight is quantized; the extra arguments are :class:`QuantConv2d`'s."""
+
+    _float_class = nn.Linear
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None,
+                 dtype: Any = None, *, method: Any = "hash", n_bits: int | None = None,
+                 n_functions: int | None = None, mode: str = "ste", **options: Any) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._setup_quant(method, n_bits, n_functions, mode, options)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return nn.functional.linear(input, self.forward_weight(), self.bias)
+
+
+QUANT_LAYERS: dict[type[nn.Module], type[QuantMixin]] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}

@@ -1,0 +1,118 @@
+"""The :class:`Quantizer` base class: the per-layer module that maps a float weight to few-bit levels.
+
+A quantizer owns the learnable state of one method for one layer (a basis, levels, a scale...).
+It splits the output channels into groups; each group has at most ``2**n_bits`` levels. Subclasses
+implement :meth:`levels` and, where the nearest-level rule does not apply, :meth:`encode`.
+
+Contract used by the layers, the post-training fit and export:
+
+* ``forward(weight)`` returns the quantized weight, differentiable with respect to the quantizer's
+  parameters but not the weight (rounding has zero derivative; the layers add the straight-through
+  gradient themselves).
+* ``encode(rows)`` returns integer codes and ``levels()[group, code]`` is the quantized value, so
+  ``decode(encode(rows))`` equals ``forward`` in eval mode bit for bit.
+* ``fit_(stats, n_iter)`` fits the state to a layer's weights after training. The default
+  minimises the hash loss with Adam; methods with a closed-form step override it.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .._groups import SortedGroups, as_rows, group_index, midpoints
+from ..config import QuantConfig
+
+
+def nearest_codes(table: Tensor, rows: Tensor) -> Tensor:
+    """Index of the nearest level for every weight: binary search among the midpoints of the
+    sorted per-channel ``table`` (C, L). Costs O(N log L), never an (N x L) distance matrix."""
+    return torch.searchsorted(midpoints(table).contiguous(), rows.detach().float().contiguous())
+
+
+class Quantizer(nn.Module):
+    """Base class of all quantization methods.
+
+    Args:
+        weight: the layer's float weight, first dimension = output channels. Used to size the
+            groups and to initialise the levels from the weights' own distribution.
+        config: the method's options.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[QuantConfig]] = QuantConfig
+    #: True when every weight goes to its nearest level (enables the midpoint search in ``encode``).
+    nearest: ClassVar[bool] = True
+
+    def __init__(self, weight: Tensor, config: QuantConfig) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"config={config!r} must be a {self.config_class.__name__} for method {self.name!r}")
+        self.config = config
+        n_channels = weight.shape[0]
+        self.n_groups = min(config.n_functions, n_channels)
+        # Derivable from the shape, so not saved in the state dict.
+        self.register_buffer("group_index", group_index(n_channels, self.n_groups, weight.device), persistent=False)
+
+    # ----------------------------------------------------------------- what subclasses implement
+    def levels(self) -> Tensor:
+        """Per-group level table ``(G, L)``: code ``c`` of group ``g`` means ``levels()[g, c]``.
+
+        Nearest-level methods return each row sorted ascending.
+        """
+        raise NotImplementedError
+
+    def encode(self, rows: Tensor) -> Tensor:
+        """Integer code of every weight of the ``(C, K)`` matrix ``rows`` -> ``(C, K)`` int64."""
+        return nearest_codes(self.levels().detach()[self.group_index], rows)
+
+    # ----------------------------------------------------------------- shared machinery
+    def decode(self, codes: Tensor) -> Tensor:
+        """Quantized ``(C, K)`` float32 values of ``codes`` (differentiable in the levels)."""
+        return self.levels()[self.group_index].gather(1, codes)
+
+    def quantize_rows(self, rows: Tensor) -> Tensor:
+        """Quantize a ``(C, K)`` float32 matrix; gradients flow to the quantizer's parameters."""
+        if not self.nearest:
+            return self.decode(self.encode(rows))
+        table = self.levels()[self.group_index]  # (C, L), computed once for search and lookup
+        return table.gather(1, nearest_codes(table.detach(), rows))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        rows = as_rows(weight.detach()).float()
+        return self.quantize_rows(rows).view(weight.shape).to(weight.dtype)
+
+    @torch.no_grad()
+    def fit_(self, stats: SortedGroups, n_iter: int, rows: Tensor | None = None) -> None:
+        """Fit this quantizer to a layer's weights after training (in place).
+
+        The default runs ``n_iter`` Adam steps on the mean squared quantization error; methods with
+        a closed-form update (hash, kmeans, log, linear) override this with prefix-sum iterations.
+
+        Args:
+            stats: the layer's weights sorted per group (see :class:`SortedGroups`).
+            n_iter: iterations.
+            rows: the ``(C, K)`` weights themselves (the default fit needs them).
+        """
+        if rows is None:
+            raise ValueError(f"method {self.name!r} fits by gradient descent and needs rows=")
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            return
+        optimizer = torch.optim.Adam(params, lr=1e-2)
+        target = rows.detach().float()
+        for _ in range(n_iter):
+            with torch.enable_grad():
+                optimizer.zero_grad()
+                loss = (self.quantize_rows(target) - target).pow(2).mean()
+                loss.backward()
+            optimizer.step()
+
+    def extra_repr(self) -> str:
+        return f"n_bits={self.config.n_bits}, groups={self.n_groups}"
+
+    @classmethod
+    def options(cls) -> dict[str, Any]:
+        """Default options of this method (its config's fields)."""
+        return cls.config_class().to_dict()

@@ -1,0 +1,73 @@
+"""``linear``: linear thresholding, the prototype's first alternative to the hash.
+
+Each group's range ``[min, max]`` is cut into ``2**n_bits`` equal buckets; every bucket's value is
+a learnable parameter (started at the mean of the weights that fall in it). While training, the
+range is re-read from the weights at every forward; in eval it is the last one seen, so a frozen
+or exported layer keeps the thresholds it was trained with.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .._groups import SortedGroups, as_rows
+from ..config import QuantConfig
+from .base import Quantizer
+
+
+@dataclass
+class LinearConfig(QuantConfig):
+    """Options of ``linear`` (only the shared ones)."""
+
+
+class LinearQuantizer(Quantizer):
+    """Learnable bucket values over linearly spaced thresholds from each group's min to max."""
+
+    config_class = LinearConfig
+    nearest = False
+
+    def __init__(self, weight: Tensor, config: LinearConfig) -> None:
+        super().__init__(weight, config)
+        g = self.n_groups
+        self.register_buffer("low", weight.new_zeros(g, dtype=torch.float32))
+        self.register_buffer("high", weight.new_zeros(g, dtype=torch.float32))
+        self.register_buffer("fractions", torch.arange(1, config.n_levels, device=weight.device) / config.n_levels, persistent=False)
+        self.values = nn.Parameter(weight.new_zeros(g, config.n_levels, dtype=torch.float32))
+        self.fit_(SortedGroups(as_rows(weight), g), 1)
+
+    def thresholds(self) -> Tensor:
+        """Bucket edges ``(G, L-1)`` between each group's ``low`` and ``high``."""
+        return self.low[:, None] + (self.high - self.low)[:, None] * self.fractions
+
+    def levels(self) -> Tensor:
+        return self.values
+
+    def encode(self, rows: Tensor) -> Tensor:
+        edges = self.thresholds()[self.group_index]
+        return torch.searchsorted(edges.contiguous(), rows.detach().float().contiguous())
+
+    @torch.no_grad()
+    def observe(self, rows: Tensor) -> None:
+        """Re-read each group's range from the ``(C, K)`` weights."""
+        lo, hi = torch.aminmax(rows.detach().float(), dim=1)
+        self.low.fill_(float("inf")).scatter_reduce_(0, self.group_index, lo, "amin")
+        self.high.fill_(float("-inf")).scatter_reduce_(0, self.group_index, hi, "amax")
+
+    def quantize_rows(self, rows: Tensor) -> Tensor:
+        if self.training:
+            self.observe(rows)
+        return super().quantize_rows(rows)
+
+    @torch.no_grad()
+    def fit_(self, stats: SortedGroups, n_iter: int, rows: Tensor | None = None) -> None:
+        """Range from the weights, then each bucket's value at its mean (centre if empty): one step is optimal."""
+        g = torch.arange(stats.n_groups, device=stats.sorted.device)
+        self.low.copy_(stats.sorted[:, 0])
+        self.high.copy_(stats.sorted[g, stats.counts - 1])
+        edges = self.thresholds()
+        n, s1, _ = stats.cell_stats(edges)
+        bounds = torch.cat([self.low[:, None], edges, self.high[:, None]], 1)
+        centres = (bounds[:, 1:] + bounds[:, :-1]) * 0.5
+        self.values.copy_(torch.where(n > 0, s1 / n.clamp_min(1), centres.double()).float())
