@@ -1,5 +1,6 @@
 """timm_qconv: few-bit weight quantization for PyTorch and timm models."""
 from ._registry import get_method, list_methods, make_config, register_method
+from .bit_quantizer import BitQuantizer
 from .config import QuantConfig
 from .convert import freeze_model, hash_loss, plan_quantization, quantizeModel, quantize_model, quantized_layers
 from .hookspecs import hookimpl
@@ -12,5 +13,5 @@ __all__ = [
     "QuantConv2d", "QuantLinear", "QuantMixin", "Quantizer", "QuantConfig", "HashConfig", "KMeansConfig",
     "LinearConfig", "LogConfig", "PolyConfig", "get_method", "list_methods", "make_config",
     "register_method", "hookimpl", "quantize_model", "quantizeModel", "freeze_model", "hash_loss",
-    "plan_quantization", "quantized_layers", "__version__",
+    "plan_quantization", "BitQuantizer", "quantized_layers", "__version__",
 ]

@@ -1,7 +1,8 @@
 """Hook specifications of the ``timm_qconv`` pluggy project.
 
 Plugins implement these with ``@timm_qconv.hookimpl`` and are found through the ``timm_qconv``
-entry-point group. Hooks are always called with keyword arguments.
+entry-point group. Hooks are always called with keyword arguments; an implementation may accept
+only the arguments it needs.
 """
 from __future__ import annotations
 
@@ -15,3 +16,38 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 @hookspec
 def register_methods(register):
     """Add quantization methods by calling ``register(name, QuantizerSubclass)``."""
+
+
+@hookspec(firstresult=True)
+def layer_quant_config(name, module, config):
+    """Decide one layer: return ``None`` (no opinion), ``False`` (keep it float) or a QuantConfig / dict of overrides."""
+
+
+@hookspec
+def before_quantize(model, config):
+    """Called before ``quantize_model`` swaps any layer."""
+
+
+@hookspec
+def after_quantize(model, layers):
+    """Called after ``quantize_model`` swapped ``layers`` (their names)."""
+
+
+@hookspec
+def before_freeze(model):
+    """Called before ``freeze_model`` replaces quantized layers by plain ones."""
+
+
+@hookspec
+def after_freeze(model):
+    """Called after ``freeze_model``."""
+
+
+@hookspec
+def after_bit_quantizer(quantizer, report):
+    """Called after a BitQuantizer pass with the quantizer and its per-layer report."""
+
+
+@hookspec
+def training_event(event, state, control, payload):
+    """Every callback event (``"on_step_end"``...) with the run's state, control flags and event arguments."""

@@ -38,6 +38,7 @@ class Quantizer(nn.Module):
         weight: the layer's float weight, first dimension = output channels. Used to size the
             groups and to initialise the levels from the weights' own distribution.
         config: the method's options.
+        stats: the weight already sorted per group, when the caller has it (saves a sort).
     """
 
     name: ClassVar[str] = ""
@@ -45,7 +46,7 @@ class Quantizer(nn.Module):
     #: True when every weight goes to its nearest level (enables the midpoint search in ``encode``).
     nearest: ClassVar[bool] = True
 
-    def __init__(self, weight: Tensor, config: QuantConfig) -> None:
+    def __init__(self, weight: Tensor, config: QuantConfig, stats: SortedGroups | None = None) -> None:
         super().__init__()
         if not isinstance(config, self.config_class):
             raise TypeError(f"config={config!r} must be a {self.config_class.__name__} for method {self.name!r}")
@@ -54,6 +55,10 @@ class Quantizer(nn.Module):
         self.n_groups = min(config.n_functions, n_channels)
         # Derivable from the shape, so not saved in the state dict.
         self.register_buffer("group_index", group_index(n_channels, self.n_groups, weight.device), persistent=False)
+
+    def weight_stats(self, weight: Tensor, stats: SortedGroups | None) -> SortedGroups:
+        """``stats`` if given, else the weight sorted per group (for initialising from the weights)."""
+        return stats if stats is not None else SortedGroups(as_rows(weight), self.n_groups)
 
     # ----------------------------------------------------------------- what subclasses implement
     def levels(self) -> Tensor:

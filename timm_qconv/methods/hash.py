@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import check_int
-from .._groups import SortedGroups, as_rows
+from .._groups import SortedGroups
 from ..config import QuantConfig
 from .base import Quantizer
 from .kmeans import density_init, lloyd
@@ -105,10 +105,10 @@ class HashQuantizer(Quantizer):
 
     config_class = HashConfig
 
-    def __init__(self, weight: Tensor, config: HashConfig) -> None:
-        super().__init__(weight, config)
+    def __init__(self, weight: Tensor, config: HashConfig, stats: SortedGroups | None = None) -> None:
+        super().__init__(weight, config, stats)
         self.register_buffer("signs", sign_patterns(config.n_bits, weight.device), persistent=False)
-        stats = SortedGroups(as_rows(weight), self.n_groups)
+        stats = self.weight_stats(weight, stats)
         self.basis = nn.Parameter(fit_basis(stats, config.n_bits, config.init_iters))
 
     def levels(self) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import check_int
-from .._groups import SortedGroups, as_rows
+from .._groups import SortedGroups
 from ..config import QuantConfig
 from .base import Quantizer
 
@@ -72,9 +72,9 @@ class KMeansQuantizer(Quantizer):
 
     config_class = KMeansConfig
 
-    def __init__(self, weight: Tensor, config: KMeansConfig) -> None:
-        super().__init__(weight, config)
-        stats = SortedGroups(as_rows(weight), self.n_groups)
+    def __init__(self, weight: Tensor, config: KMeansConfig, stats: SortedGroups | None = None) -> None:
+        super().__init__(weight, config, stats)
+        stats = self.weight_stats(weight, stats)
         start = density_init(stats, config.n_levels)
         self.table = nn.Parameter(lloyd(stats, start, config.init_iters))
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .._groups import SortedGroups, as_rows
+from .._groups import SortedGroups
 from ..config import QuantConfig
 from .base import Quantizer
 
@@ -28,14 +28,14 @@ class LinearQuantizer(Quantizer):
     config_class = LinearConfig
     nearest = False
 
-    def __init__(self, weight: Tensor, config: LinearConfig) -> None:
-        super().__init__(weight, config)
+    def __init__(self, weight: Tensor, config: LinearConfig, stats: SortedGroups | None = None) -> None:
+        super().__init__(weight, config, stats)
         g = self.n_groups
         self.register_buffer("low", weight.new_zeros(g, dtype=torch.float32))
         self.register_buffer("high", weight.new_zeros(g, dtype=torch.float32))
         self.register_buffer("fractions", torch.arange(1, config.n_levels, device=weight.device) / config.n_levels, persistent=False)
         self.values = nn.Parameter(weight.new_zeros(g, config.n_levels, dtype=torch.float32))
-        self.fit_(SortedGroups(as_rows(weight), g), 1)
+        self.fit_(self.weight_stats(weight, stats), 1)
 
     def thresholds(self) -> Tensor:
         """Bucket edges ``(G, L-1)`` between each group's ``low`` and ``high``."""

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import check_int
-from .._groups import SortedGroups, as_rows
+from .._groups import SortedGroups
 from ..config import QuantConfig
 from .base import Quantizer
 
@@ -71,10 +71,10 @@ class LogQuantizer(Quantizer):
 
     config_class = LogConfig
 
-    def __init__(self, weight: Tensor, config: LogConfig) -> None:
-        super().__init__(weight, config)
+    def __init__(self, weight: Tensor, config: LogConfig, stats: SortedGroups | None = None) -> None:
+        super().__init__(weight, config, stats)
         self.register_buffer("shape", log_shape(config.n_bits, weight.device), persistent=False)
-        stats = SortedGroups(as_rows(weight), self.n_groups)
+        stats = self.weight_stats(weight, stats)
         # Learn the scale in the log domain so that it stays positive.
         self.log_scale = nn.Parameter(fit_scale(stats, self.shape, config.init_iters).log())
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import check_float, check_int
-from .._groups import SortedGroups, as_rows
+from .._groups import SortedGroups
 from ..config import QuantConfig
 from .base import Quantizer
 from .kmeans import density_init, lloyd
@@ -48,14 +48,14 @@ class PolyQuantizer(Quantizer):
     config_class = PolyConfig
     nearest = False
 
-    def __init__(self, weight: Tensor, config: PolyConfig) -> None:
-        super().__init__(weight, config)
+    def __init__(self, weight: Tensor, config: PolyConfig, stats: SortedGroups | None = None) -> None:
+        super().__init__(weight, config, stats)
         g, n_levels = self.n_groups, config.n_levels
         self.register_buffer("values", weight.new_zeros(g, n_levels, dtype=torch.float32))
         self.register_buffer("scale", weight.new_ones(g, dtype=torch.float32))
         self.register_buffer("temperature", torch.tensor(float(config.temperature), device=weight.device))
         self.coef = nn.Parameter(weight.new_zeros(g, n_levels, 3, dtype=torch.float32))
-        self.fit_(SortedGroups(as_rows(weight), g), config.init_iters)
+        self.fit_(self.weight_stats(weight, stats), config.init_iters)
 
     def set_temperature(self, temperature: float) -> None:
         """Change the training softmax temperature (for annealing)."""

@@ -1,0 +1,124 @@
+"""Post-training quantization: fit every layer's levels to its trained weights, no data needed.
+
+Each layer's weights are sorted once per group; the method then fits its levels with prefix-sum
+iterations (least squares for ``hash``, Lloyd-Max for ``kmeans``) whose cost does not grow with the
+number of weights, and a final binary-search pass writes every weight's code. The whole pass
+costs about one sort of the weights.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ._errors import check_int
+from ._groups import SortedGroups, as_rows
+from ._registry import config_owner, make_config
+from .convert import plan_quantization
+from .methods.base import Quantizer
+from .report import LayerReport, QuantReport
+
+
+class BitQuantizer:
+    """Fit few-bit levels to a trained model's Conv2d and Linear weights.
+
+    Args:
+        model: the trained model; it is never modified.
+        n_fs: groups of output channels per layer ("hash functions" in the prototype).
+        n_bits: bits per weight, 1..8.
+        avoid: module names or glob patterns to leave in float.
+        layers: layer kinds to quantize (default Conv2d and Linear).
+        method: ``"hash"`` (LQ-Nets basis), ``"kmeans"`` (free levels), or any registered method.
+        device: where to fit (``None``: each layer's own device). CPU and CUDA both work.
+        verbose: show a progress bar over the layers.
+        **options: the method's own options.
+
+    Example::
+
+        bq = BitQuantizer(model, 32, 4, avoid=["fc"])
+        bq.train_hash_functions(n_iter=50)
+        hashed = bq.get_hashed_model()
+        print(bq.report())
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        n_fs: int = 32,
+        n_bits: int = 4,
+        avoid: Iterable[str] | str = (),
+        layers: Any = (nn.Conv2d, nn.Linear),
+        method: Any = "hash",
+        device: str | torch.device | None = None,
+        verbose: bool = False,
+        **options: Any,
+    ) -> None:
+        self.config = make_config(method, n_bits=n_bits, n_functions=n_fs, **options)
+        self.method = config_owner(self.config)
+        self.model = model
+        self.layer_names = plan_quantization(model, layers, avoid)
+        modules = dict(model.named_modules())
+        self.modules: dict[str, nn.Module] = {name: modules[name] for name in self.layer_names}
+        for name, module in self.modules.items():
+            if not bool(torch.isfinite(module.weight).all()):
+                raise ValueError(f"layer {name!r} has non-finite weights (NaN or inf); fix them or pass avoid=[{name!r}]")
+        self.device = torch.device(device) if device is not None else None
+        self.verbose = bool(verbose)
+        self.quantizers: dict[str, Quantizer] = {}
+        self.codes: dict[str, Tensor] = {}  # uint8 (C, K) code of every weight, after fitting
+        self._report: QuantReport | None = None
+
+    def _rows(self, module: nn.Module) -> Tensor:
+        weight = module.weight.detach()
+        return as_rows(weight.to(self.device or weight.device, torch.float32))
+
+    @torch.no_grad()
+    def train_hash_functions(self, n_iter: int = 50) -> "BitQuantizer":
+        """Fit every layer's levels with ``n_iter`` iterations, then encode its weights."""
+        check_int("n_iter", n_iter, 1)
+        quantizers, codes, reports = {}, {}, []
+        items = tqdm(self.modules.items(), desc=f"{self.method.name} {self.config.n_bits}-bit",
+                     unit="layer", disable=not self.verbose)
+        for name, module in items:
+            rows = self._rows(module)
+            stats = SortedGroups(rows, min(self.config.n_functions, rows.shape[0]))  # the one sort
+            quantizer = self.method(rows, self.config, stats=stats)
+            quantizer.fit_(stats, n_iter, rows=rows)
+            quantizer.eval()
+            code = quantizer.encode(rows)
+            q = quantizer.decode(code)
+            quantizers[name] = quantizer
+            codes[name] = code.to(torch.uint8)
+            reports.append(LayerReport(name, tuple(module.weight.shape), self.config.n_bits, quantizer.n_groups,
+                                       float((q - rows).pow(2).sum()), float(rows.pow(2).sum())))
+        self.quantizers, self.codes, self._report = quantizers, codes, QuantReport(reports)
+        return self
+
+    def _require_fit(self) -> None:
+        if not self.quantizers:
+            raise RuntimeError("call train_hash_functions() first")
+
+    @torch.no_grad()
+    def quantized_weight(self, name: str) -> Tensor:
+        """Layer ``name``'s quantized weight, in the layer's own shape, dtype and device."""
+        self._require_fit()
+        weight = self.modules[name].weight
+        q = self.quantizers[name].decode(self.codes[name].long())
+        return q.view(weight.shape).to(weight.device, weight.dtype)
+
+    def get_hashed_model(self) -> nn.Module:
+        """A copy of the model whose quantized layers hold their quantized weights (plain layers)."""
+        self._require_fit()
+        hashed = copy.deepcopy(self.model)
+        modules = dict(hashed.named_modules())
+        for name in self.layer_names:
+            modules[name].weight.data = self.quantized_weight(name)
+        return hashed
+
+    def report(self) -> QuantReport:
+        """Per-layer relative error and SQNR of the last fit (prints as a table)."""
+        self._require_fit()
+        return self._report
