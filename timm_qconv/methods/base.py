@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .._groups import SortedGroups, as_rows, group_index, midpoints
+from .._kernels import nearest_lookup
 from ..config import QuantConfig
 
 
@@ -81,8 +82,7 @@ class Quantizer(nn.Module):
         """Quantize a ``(C, K)`` float32 matrix; gradients flow to the quantizer's parameters."""
         if not self.nearest:
             return self.decode(self.encode(rows))
-        table = self.levels()[self.group_index]  # (C, L), computed once for search and lookup
-        return table.gather(1, nearest_codes(table.detach(), rows))
+        return nearest_lookup(self.levels()[self.group_index], rows)
 
     def forward(self, weight: Tensor) -> Tensor:
         rows = as_rows(weight.detach()).float()
