@@ -4,10 +4,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: dev test demo bench clean
 
-$(STAMP): pyproject.toml
+# First-party plugins under plugins/ are separate distributions, installed editable after the
+# package so that tests find them through their entry points.
+PLUGINS := plugins/timm_qconv_apot plugins/timm_qconv_report
+
+$(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e plugins/timm_qconv_apot -e "plugins/timm_qconv_report[plot]"
 	touch $(STAMP)
 
 dev: $(STAMP)

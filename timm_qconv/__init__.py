@@ -1,8 +1,10 @@
 """timm_qconv: few-bit weight quantization for PyTorch and timm models."""
 from ._registry import get_method, list_methods, make_config, register_method
 from .bit_quantizer import BitQuantizer
+from .callbacks import BitQuantizerCallback, CallbackHandler, HashLossCallback, QuantCallback, TrainControl, TrainState
 from .config import QuantConfig
 from .convert import freeze_model, hash_loss, plan_quantization, quantizeModel, quantize_model, quantized_layers
+from .export import load_quantized, save_quantized
 from .hookspecs import hookimpl
 from .layers import QuantConv2d, QuantLinear, QuantMixin
 from .methods import HashConfig, KMeansConfig, LinearConfig, LogConfig, PolyConfig, Quantizer
@@ -14,4 +16,6 @@ __all__ = [
     "LinearConfig", "LogConfig", "PolyConfig", "get_method", "list_methods", "make_config",
     "register_method", "hookimpl", "quantize_model", "quantizeModel", "freeze_model", "hash_loss",
     "plan_quantization", "BitQuantizer", "quantized_layers", "__version__",
+    "save_quantized", "load_quantized",
+    "QuantCallback", "CallbackHandler", "HashLossCallback", "BitQuantizerCallback", "TrainState", "TrainControl",
 ]

@@ -47,3 +47,14 @@ def closest(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:
         stem = word.split("*")[0].split("?")[0].split(".")[0]
         found = [c for c in candidates if stem and c.startswith(stem)][:n]
     return found
+
+
+def check_module(name: str, value: Any) -> Any:
+    """Return ``value`` if it is an ``nn.Module``."""
+    from torch import nn
+
+    if not isinstance(value, nn.Module):
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise TypeError(f"{name}={shown} has type {type(value).__name__}; expected a torch.nn.Module")
+    return value

@@ -16,18 +16,15 @@ if TYPE_CHECKING:
 
 _METHODS: dict[str, type["Quantizer"]] = {}
 _OWNERS: dict[str, str] = {}  # method name -> who registered it, for clash messages
-_loaded = False
 
 Q = TypeVar("Q", bound=type)
 
 
 def _ensure_loaded() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        from .plugins import load_methods
+    """Build the plugin manager once (cached): building it registers the plugins' methods."""
+    from .plugins import get_plugin_manager
 
-        load_methods()
+    get_plugin_manager()
 
 
 def add_method(name: str, cls: type["Quantizer"], owner: str = "timm_qconv") -> None:
@@ -53,6 +50,11 @@ def remove_method(name: str) -> None:
     """Forget a method (used when a plugin is unregistered)."""
     _METHODS.pop(name, None)
     _OWNERS.pop(name, None)
+
+
+def methods_owned_by(owner: str) -> list[str]:
+    """Sorted names of the methods that ``owner`` (a plugin name) registered."""
+    return sorted(name for name, who in _OWNERS.items() if who == owner)
 
 
 def register_method(name: str) -> Callable[[Q], Q]:

@@ -17,8 +17,10 @@ from tqdm.auto import tqdm
 from ._errors import check_int
 from ._groups import SortedGroups, as_rows
 from ._registry import config_owner, make_config
-from .convert import plan_quantization
+from .config import QuantConfig
+from .convert import layer_configs, plan_quantization
 from .methods.base import Quantizer
+from .plugins import call_hook
 from .report import LayerReport, QuantReport
 
 
@@ -35,6 +37,10 @@ class BitQuantizer:
         device: where to fit (``None``: each layer's own device). CPU and CUDA both work.
         verbose: show a progress bar over the layers.
         **options: the method's own options.
+
+    Plugins may keep a layer in float or change its options (hook ``layer_quant_config``,
+    decided here, in the constructor; ``configs`` holds each layer's), and receive every pass's
+    report (hook ``after_bit_quantizer``).
 
     Example::
 
@@ -59,7 +65,8 @@ class BitQuantizer:
         self.config = make_config(method, n_bits=n_bits, n_functions=n_fs, **options)
         self.method = config_owner(self.config)
         self.model = model
-        self.layer_names = plan_quantization(model, layers, avoid)
+        self.configs: dict[str, QuantConfig] = layer_configs(model, plan_quantization(model, layers, avoid), self.config)
+        self.layer_names = list(self.configs)
         modules = dict(model.named_modules())
         self.modules: dict[str, nn.Module] = {name: modules[name] for name in self.layer_names}
         for name, module in self.modules.items():
@@ -83,18 +90,20 @@ class BitQuantizer:
         items = tqdm(self.modules.items(), desc=f"{self.method.name} {self.config.n_bits}-bit",
                      unit="layer", disable=not self.verbose)
         for name, module in items:
+            config = self.configs[name]
             rows = self._rows(module)
-            stats = SortedGroups(rows, min(self.config.n_functions, rows.shape[0]))  # the one sort
-            quantizer = self.method(rows, self.config, stats=stats)
+            stats = SortedGroups(rows, min(config.n_functions, rows.shape[0]))  # the one sort
+            quantizer = config_owner(config)(rows, config, stats=stats)
             quantizer.fit_(stats, n_iter, rows=rows)
             quantizer.eval()
             code = quantizer.encode(rows)
             q = quantizer.decode(code)
             quantizers[name] = quantizer
             codes[name] = code.to(torch.uint8)
-            reports.append(LayerReport(name, tuple(module.weight.shape), self.config.n_bits, quantizer.n_groups,
+            reports.append(LayerReport(name, tuple(module.weight.shape), config.n_bits, quantizer.n_groups,
                                        float((q - rows).pow(2).sum()), float(rows.pow(2).sum())))
         self.quantizers, self.codes, self._report = quantizers, codes, QuantReport(reports)
+        call_hook("after_bit_quantizer", quantizer=self, report=self._report)
         return self
 
     def _require_fit(self) -> None:

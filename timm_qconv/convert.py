@@ -2,7 +2,9 @@
 
 :func:`quantize_model` works in place, in two phases: it selects and builds every replacement
 first, and swaps modules only when all of them were built, so a bad argument or a bad layer leaves
-the model exactly as it was.
+the model exactly as it was. Plugins take part through hooks: ``layer_quant_config`` decides each
+layer during the first phase; ``before_quantize``/``after_quantize`` and ``before_freeze``/
+``after_freeze`` surround the changes.
 """
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._errors import check_choice, closest
+from ._errors import check_choice, check_module, closest
 from ._registry import make_config
+from .config import QuantConfig
 from .layers import MODES, QUANT_LAYERS, QuantMixin
+from .plugins import call_hook
 
 FilterFn = Callable[[nn.Module, str], bool]
 _LAYER_NAMES = {"conv": nn.Conv2d, "conv2d": nn.Conv2d, "linear": nn.Linear}
@@ -84,9 +88,11 @@ def plan_quantization(
     skip_first_last: bool = False,
     filter_fn: FilterFn | None = None,
 ) -> list[str]:
-    """Names of the layers :func:`quantize_model` would replace, in module order (nothing is changed)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model={type(model).__name__} is not an nn.Module")
+    """Names of the layers :func:`quantize_model` selects, in module order (nothing is changed).
+
+    Plugins' ``layer_quant_config`` decisions come after this; see :func:`layer_configs`.
+    """
+    check_module("model", model)
     kinds = _as_layer_types(layers)
     patterns = _as_patterns("avoid", avoid)
     if filter_fn is not None and not callable(filter_fn):
@@ -123,10 +129,48 @@ def plan_quantization(
     return chosen
 
 
+def _decide(name: str, module: nn.Module, config: QuantConfig) -> QuantConfig | None:
+    """One layer's config after the plugins' ``layer_quant_config`` hook; ``None`` keeps it float."""
+    decision = call_hook("layer_quant_config", name=name, module=module, config=config)
+    if decision is None:
+        return config
+    if decision is False:
+        return None
+    if not isinstance(decision, (dict, QuantConfig)):
+        raise TypeError(f"layer_quant_config returned {decision!r} for layer {name!r}; expected None, False, "
+                        f"a QuantConfig or a dict of {type(config).__name__} fields")
+    try:
+        return make_config(decision) if isinstance(decision, QuantConfig) else make_config(config, **decision)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"layer_quant_config returned {decision!r} for layer {name!r}: {error}") from error
+
+
+def layer_configs(model: nn.Module, names: Sequence[str], config: QuantConfig) -> dict[str, QuantConfig]:
+    """Each layer's config once plugins had their say (``layer_quant_config``); nothing is changed.
+
+    Args:
+        model: the model the layers belong to.
+        names: the selected layers, e.g. from :func:`plan_quantization`.
+        config: the config every layer gets unless a plugin decides otherwise.
+    Returns:
+        ``{name: config}`` in the order of ``names``, without the layers plugins keep in float.
+    Raises:
+        ValueError: plugins keep every layer in float.
+    """
+    modules = dict(model.named_modules())
+    decided = {name: _decide(name, modules[name], config) for name in names}
+    configs = {name: c for name, c in decided.items() if c is not None}
+    if not configs:
+        raise ValueError(f"plugins' layer_quant_config kept every selected layer of {type(model).__name__} "
+                         f"in float ({len(names)} layers); nothing is left to quantize")
+    return configs
+
+
 def _set_everywhere(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
     """Swap modules by identity under every parent that holds them (shared modules included)."""
     for parent in model.modules():
-        for child_name, child in list(parent.named_children()):
+        # _modules, not named_children(): the latter skips a module held twice by the same parent.
+        for child_name, child in list(parent._modules.items()):
             new = replacements.get(id(child))
             if new is not None:
                 setattr(parent, child_name, new)
@@ -159,7 +203,8 @@ def quantize_model(
         filter_fn: ``filter_fn(module, name) -> bool``; only layers it accepts are quantized.
         **options: the method's own options.
     Returns:
-        the same model object, converted.
+        the same model object, converted. Plugins may keep a layer in float or change its options
+        (hook ``layer_quant_config``); each layer's options are its ``quant_config``.
     """
     config = make_config(method, n_bits=n_bits, n_functions=n_functions, **options)
     check_choice("mode", mode, MODES)
@@ -169,11 +214,14 @@ def quantize_model(
         weight = modules[fqn].weight
         if not bool(torch.isfinite(weight).all()):
             raise ValueError(f"layer {fqn!r} has non-finite weights (NaN or inf); fix them or pass avoid=[{fqn!r}]")
+    call_hook("before_quantize", model=model, config=config)
+    configs = layer_configs(model, chosen, config)
     replacements = {}
-    for fqn in chosen:
+    for fqn, layer_config in configs.items():
         module = modules[fqn]
-        replacements[id(module)] = QUANT_LAYERS[type(module)].from_float(module, method=config, mode=mode)
+        replacements[id(module)] = QUANT_LAYERS[type(module)].from_float(module, method=layer_config, mode=mode)
     _set_everywhere(model, replacements)
+    call_hook("after_quantize", model=model, layers=list(configs))
     return model
 
 
@@ -197,9 +245,12 @@ def freeze_model(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model={type(model).__name__} is not an nn.Module")
+    call_hook("before_freeze", model=model)
     if isinstance(model, QuantMixin):
-        return model.to_float()
-    _set_everywhere(model, {id(m): m.to_float() for _, m in quantized_layers(model)})
+        model = model.to_float()
+    else:
+        _set_everywhere(model, {id(m): m.to_float() for _, m in quantized_layers(model)})
+    call_hook("after_freeze", model=model)
     return model
 
 
@@ -216,18 +267,37 @@ def quantizeModel(n_functions: int | None = None, n_bits: int | None = None, **k
     def convert(model: nn.Module) -> nn.Module:
         return quantize_model(model, n_bits=n_bits, n_functions=n_functions, **kwargs)
 
+    def wrap_init(init: Callable[..., None]) -> Callable[..., None]:
+        # Convert once, when the outermost wrapped __init__ returns, so that layers a subclass adds
+        # after super().__init__() are converted too.
+        @functools.wraps(init)
+        def __init__(self: nn.Module, *args: Any, **kw: Any) -> None:
+            depth = self.__dict__.get("_timm_qconv_init_depth", 0)
+            self.__dict__["_timm_qconv_init_depth"] = depth + 1
+            try:
+                init(self, *args, **kw)
+            finally:
+                self.__dict__["_timm_qconv_init_depth"] = depth
+            if depth == 0:
+                del self.__dict__["_timm_qconv_init_depth"]
+                convert(self)
+
+        return __init__
+
     def decorate(target: Any) -> Any:
         if isinstance(target, type) and issubclass(target, nn.Module):
-            original_init = target.__init__
+            parent_hook = target.__dict__.get("__init_subclass__")
 
-            @functools.wraps(original_init)
-            def __init__(self, *args: Any, **kw: Any) -> None:
-                original_init(self, *args, **kw)
-                if not getattr(self, "_timm_qconv_converted", False):  # once, for nested decorated classes
-                    convert(self)
-                    self._timm_qconv_converted = True
+            def __init_subclass__(sub: type, **kw: Any) -> None:
+                if parent_hook is not None:
+                    parent_hook.__func__(sub, **kw)
+                else:
+                    super(target, sub).__init_subclass__(**kw)
+                if "__init__" in sub.__dict__:
+                    sub.__init__ = wrap_init(sub.__init__)
 
-            target.__init__ = __init__
+            target.__init__ = wrap_init(target.__init__)
+            target.__init_subclass__ = classmethod(__init_subclass__)
             target.get_hash_loss = hash_loss
             return target
         if isinstance(target, nn.Module):

@@ -20,7 +20,13 @@ def register_methods(register):
 
 @hookspec(firstresult=True)
 def layer_quant_config(name, module, config):
-    """Decide one layer: return ``None`` (no opinion), ``False`` (keep it float) or a QuantConfig / dict of overrides."""
+    """Decide one layer: return ``None`` (no opinion), ``False`` (keep it float) or a QuantConfig / dict of overrides.
+
+    Args:
+        name: the layer's qualified name in the model (``"layer2.0.downsample.0"``).
+        module: the float layer, not yet replaced.
+        config: the config the layer gets by default; a dict such as ``{"n_bits": 8}`` overrides its fields.
+    """
 
 
 @hookspec
@@ -50,4 +56,11 @@ def after_bit_quantizer(quantizer, report):
 
 @hookspec
 def training_event(event, state, control, payload):
-    """Every callback event (``"on_step_end"``...) with the run's state, control flags and event arguments."""
+    """Every callback event (``"on_step_end"``...) with the run's state, control flags and event arguments.
+
+    Args:
+        event: the callback event's name.
+        state: the run's counters (epoch, step...).
+        control: flags a plugin may set to steer the run.
+        payload: the event's own keyword arguments (model, loss, metrics...), as a dict.
+    """

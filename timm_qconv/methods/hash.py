@@ -25,6 +25,7 @@ from .base import Quantizer
 from .kmeans import density_init, lloyd
 
 # Step of the MSE-optimal uniform quantizer for a unit Gaussian, by number of levels (J. Max, 1960).
+_START_SCALES = (0.8, 1.0, 1.25)
 _GAUSS_UNIFORM_STEP = {2: 1.596, 4: 0.9957, 8: 0.5860, 16: 0.3352, 32: 0.1881, 64: 0.1041, 128: 0.0569, 256: 0.0308}
 
 
@@ -35,54 +36,84 @@ def sign_patterns(n_bits: int, device: torch.device | None = None) -> Tensor:
     return bits.float() * 2 - 1
 
 
+def _solve(a: Tensor, b: Tensor) -> Tensor:
+    """Solve the small symmetric systems ``a x = b`` (..., n, n), with a tiny ridge for empty patterns."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    ridge = 1e-9 * a.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)[..., None, None]
+    return torch.linalg.solve(a + ridge * eye, b[..., None]).squeeze(-1)
+
+
 def basis_from_levels(levels: Tensor, weight: Tensor, signs: Tensor) -> Tensor:
-    """Weighted least-squares basis ``(G, n)`` whose pattern ``p`` best matches ``levels[:, p]``."""
-    a = torch.einsum("gl,li,lj->gij", weight, signs, signs)
-    b = torch.einsum("gl,gl,li->gi", weight, levels, signs)
-    return (torch.linalg.pinv(a) @ b[..., None]).squeeze(-1)
+    """Weighted least-squares basis ``(..., n)`` whose pattern ``p`` best matches ``levels[..., p]``."""
+    outer = (signs[:, :, None] * signs[:, None, :]).reshape(signs.shape[0], -1)
+    a = (weight @ outer).view(*weight.shape[:-1], signs.shape[1], signs.shape[1])
+    return _solve(a, (weight * levels) @ signs)
 
 
 def qem(stats: SortedGroups, basis: Tensor, signs: Tensor, n_iter: int) -> tuple[Tensor, Tensor]:
-    """LQ-Nets' alternating fit from ``basis`` (G, n); returns the best basis seen and its error (G,)."""
-    basis = basis.double()
+    """LQ-Nets' alternating fit from ``basis`` (G, S, n): S starts per group, fitted side by side.
+
+    Returns the best basis seen for each group (G, n) and its squared error (G,).
+    """
+    n_groups, n_starts, n_bits = basis.shape
+    basis = basis.double().reshape(-1, n_bits)  # (G*S, n): 2-D products below are single GEMMs
     signs = signs.double()
-    best, best_err = basis, torch.full((stats.n_groups,), float("inf"), dtype=torch.float64, device=basis.device)
+    outer = (signs[:, :, None] * signs[:, None, :]).reshape(signs.shape[0], -1)  # (L, n*n)
+    best = basis.view(n_groups, n_starts, n_bits)[:, 0]
+    best_err = torch.full((n_groups,), float("inf"), dtype=torch.float64, device=basis.device)
     for step in range(n_iter + 1):
-        raw = basis @ signs.T  # (G, L), level of each pattern
-        levels, order = torch.sort(raw, dim=1)
-        stats_l = stats.nearest_stats(levels)
-        err = SortedGroups.cell_error(levels, stats_l)
+        levels, order = torch.sort(basis @ signs.T, dim=-1)  # (G*S, L) and each level's pattern
+        levels = levels.view(n_groups, n_starts, -1)
+        cells = stats.nearest_stats(levels)
+        err, start = SortedGroups.cell_error(levels, cells).min(1)
         better = err < best_err
-        best = torch.where(better[:, None], basis, best)
+        pick = basis.view(n_groups, n_starts, n_bits)[torch.arange(n_groups, device=basis.device), start]
+        best = torch.where(better[:, None], pick, best)
         best_err = torch.where(better, err, best_err)
         if step == n_iter:
             break
-        n, s1, _ = stats_l
+        n, s1, _ = (c.reshape(n_groups * n_starts, -1) for c in cells)
         # Back from sorted order to pattern order, then solve (S^T N S) v = S^T sums.
-        n_p = torch.zeros_like(n).scatter_(1, order, n)
-        s_p = torch.zeros_like(s1).scatter_(1, order, s1)
-        a = torch.einsum("gl,li,lj->gij", n_p, signs, signs)
-        b = s_p @ signs
-        basis = (torch.linalg.pinv(a) @ b[..., None]).squeeze(-1)
+        n_p = torch.zeros_like(n).scatter_(-1, order, n)
+        s_p = torch.zeros_like(s1).scatter_(-1, order, s1)
+        basis = _solve((n_p @ outer).view(-1, n_bits, n_bits), s_p @ signs)
     return best.float(), best_err
 
 
-def fit_basis(stats: SortedGroups, n_bits: int, n_iter: int) -> Tensor:
-    """Fit a basis ``(G, n_bits)`` to sorted weights, from two starts, keeping each group's better one.
+def _start_shapes(n_bits: int, n_random: int = 8) -> Tensor:
+    """Basis shapes to start from (S, n_bits), each scaled so that its largest level is 1.
 
-    Start 1 is the Gaussian-optimal uniform grid scaled to the group's RMS (basis ``a * 2**j``).
-    Start 2 projects the Lloyd-Max levels (the unconstrained optimum) onto the ±basis family.
+    Powers of two give a uniform grid; Fibonacci numbers and random shapes give levels that are
+    denser near zero, closer to the Lloyd-Max levels of bell-shaped weights. Fixed seed: the fit
+    is deterministic.
+    """
+    powers = 2.0 ** torch.arange(n_bits, dtype=torch.float64)
+    fib = [1.0, 2.0]
+    while len(fib) < n_bits:
+        fib.append(fib[-1] + fib[-2])
+    random = torch.rand(n_random, n_bits, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    shapes = torch.cat([powers[None], torch.tensor(fib[:n_bits], dtype=torch.float64)[None], random.sort(-1).values])
+    return (shapes / shapes.sum(-1, keepdim=True)).float()
+
+
+def fit_basis(stats: SortedGroups, n_bits: int, n_iter: int) -> Tensor:
+    """Fit a basis ``(G, n_bits)`` to sorted weights from several starts, keeping each group's best.
+
+    Alternating minimisation only finds a local optimum, and which start wins depends on the
+    weights' distribution, so all starts are fitted side by side (batched, so they cost about the
+    same number of operations as one): the shapes of :func:`_start_shapes` at a few sizes around
+    the Gaussian-optimal uniform grid, and the Lloyd-Max levels projected onto the ±basis family.
     """
     signs = sign_patterns(n_bits, stats.sorted.device)
     n_levels = 2**n_bits
-    half_step = 0.5 * _GAUSS_UNIFORM_STEP[n_levels] * stats.rms()
-    uniform = half_step[:, None] * (2.0 ** torch.arange(n_bits, device=half_step.device)).float()
+    top = 0.5 * _GAUSS_UNIFORM_STEP[n_levels] * (n_levels - 1) * stats.rms()  # uniform grid's top level
+    shapes = _start_shapes(n_bits).to(top.device)
+    scaled = [top[:, None, None] * shapes * f for f in _START_SCALES]
     free = lloyd(stats, density_init(stats, n_levels), max(n_iter, 10))
     n, _, _ = stats.nearest_stats(free)
     projected = basis_from_levels(free.double(), n.clamp_min(1), signs.double()).float()
-    basis_u, err_u = qem(stats, uniform, signs, n_iter)
-    basis_p, err_p = qem(stats, projected, signs, n_iter)
-    return torch.where((err_p < err_u)[:, None], basis_p, basis_u)
+    starts = torch.cat([*scaled, projected[:, None]], 1)  # (G, S, n)
+    return qem(stats, starts, signs, n_iter)[0]
 
 
 @dataclass

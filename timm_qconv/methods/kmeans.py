@@ -52,6 +52,54 @@ def lloyd(stats: SortedGroups, levels: Tensor, n_iter: int) -> Tensor:
     return levels.float()
 
 
+def exact_levels(values: Tensor, n_levels: int) -> Tensor:
+    """Optimal levels ``(L,)`` for the sorted 1-D ``values`` by dynamic programming, O(L * n**2).
+
+    ``best[e]`` is the least error of splitting ``values[:e]`` into the clusters placed so far; a
+    cluster over ``values[j:e]`` costs its squared deviation from its mean, from prefix sums.
+    """
+    x = values.double()
+    n = x.numel()
+    c1 = torch.cat([x.new_zeros(1), x.cumsum(0)])
+    c2 = torch.cat([x.new_zeros(1), (x * x).cumsum(0)])
+    idx = torch.arange(n + 1, device=x.device)
+    j, e = idx[:, None], idx[None, :]
+    cost = (c2[e] - c2[j]) - (c1[e] - c1[j]) ** 2 / (e - j).clamp_min(1)
+    cost = torch.where(e > j, cost.clamp_min(0), torch.full_like(cost, float("inf")))
+    best, starts = cost[0], []
+    for _ in range(min(n_levels, n) - 1):
+        total = best[:, None] + cost  # (j, e): clusters so far end at j, the next covers [j, e)
+        value, arg = total.min(0)
+        keep = best <= value  # one cluster fewer is already as good
+        starts.append(torch.where(keep, torch.full_like(arg, -1), arg))
+        best = torch.where(keep, best, value)
+    bounds, end = [n], n
+    for arg in reversed(starts):  # backtrack the cluster starts
+        if int(arg[end]) >= 0:
+            end = int(arg[end])
+            bounds.append(end)
+    bounds = torch.tensor([0, *reversed(bounds)], device=x.device).unique_consecutive()
+    sums, counts = c1[bounds[1:]] - c1[bounds[:-1]], (bounds[1:] - bounds[:-1]).double()
+    levels = sums / counts
+    pad = levels[-1:].expand(n_levels - levels.numel())  # fewer distinct values than levels
+    return torch.cat([levels, pad]).float()
+
+
+def refine_small_groups(stats: SortedGroups, levels: Tensor, budget: int = 2**22) -> Tensor:
+    """Replace Lloyd's levels by the exact optimum in groups small enough for :func:`exact_levels`.
+
+    Lloyd's fixed points on a few hundred weights can be 20% worse than the optimum; on large
+    groups they are close to it, and the exact solution would cost too much.
+    """
+    n_levels = levels.shape[1]
+    out = levels.clone()
+    for g in range(stats.n_groups):
+        n = int(stats.counts[g])
+        if n * n * n_levels <= budget:
+            out[g] = exact_levels(stats.sorted[g, :n], n_levels)
+    return out
+
+
 @dataclass
 class KMeansConfig(QuantConfig):
     """Options of ``kmeans``.
@@ -75,13 +123,13 @@ class KMeansQuantizer(Quantizer):
     def __init__(self, weight: Tensor, config: KMeansConfig, stats: SortedGroups | None = None) -> None:
         super().__init__(weight, config, stats)
         stats = self.weight_stats(weight, stats)
-        start = density_init(stats, config.n_levels)
-        self.table = nn.Parameter(lloyd(stats, start, config.init_iters))
+        self.table = nn.Parameter(torch.empty(self.n_groups, config.n_levels, device=weight.device))
+        self.fit_(stats, config.init_iters)
 
     def levels(self) -> Tensor:
         return torch.sort(self.table, dim=1).values
 
     @torch.no_grad()
     def fit_(self, stats: SortedGroups, n_iter: int, rows: Tensor | None = None) -> None:
-        start = density_init(stats, self.config.n_levels)
-        self.table.copy_(lloyd(stats, start, n_iter))
+        levels = lloyd(stats, density_init(stats, self.config.n_levels), n_iter)
+        self.table.copy_(refine_small_groups(stats, levels))

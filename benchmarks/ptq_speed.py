@@ -1,0 +1,129 @@
+"""Post-training fit of timm resnet34: speed against one sort + one bucketize, and error against the optimum.
+
+Speed: fitting every Conv2d and Linear at 4 bits, 32 groups, 50 iterations, divided by the time of
+one ``torch.sort`` over the same weights plus one ``torch.bucketize`` pass over them, both measured
+in this process (medians of --repeats). Target: at most 2.
+
+Quality: relative weight error ``sum((q - w)**2) / sum(w**2)`` over all layers, for ``hash`` and
+``kmeans`` at each bit width, against the optimal scalar quantizer of each group (Lloyd-Max: 1-D
+k-means run to convergence from the companded start; ``--check-exact`` also compares that reference
+with an exact dynamic-programming k-means on the smallest layers' groups).
+
+    python benchmarks/ptq_speed.py [--bits 1 2 3 4 5 6 7 8] [--repeats 3] [--check-exact]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import timm
+import torch
+from torch import nn
+
+from timm_qconv import BitQuantizer
+from timm_qconv._groups import SortedGroups, as_rows
+from timm_qconv.methods.kmeans import density_init, lloyd
+
+
+def weights(model: nn.Module) -> list[torch.Tensor]:
+    return [m.weight.detach() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def baseline_seconds(ws: list[torch.Tensor], n_bits: int) -> float:
+    """One sort of the weights plus one bucketize pass into 2**n_bits cells."""
+    start = time.perf_counter()
+    for w in ws:
+        torch.sort(w.reshape(-1))
+    for w in ws:
+        bounds = torch.linspace(float(w.min()), float(w.max()), 2**n_bits + 1)[1:-1]
+        torch.bucketize(w.reshape(-1), bounds)
+    return time.perf_counter() - start
+
+
+def optimum(ws: list[torch.Tensor], n_bits: int, groups: int, max_iter: int = 3000) -> float:
+    """Relative error of the converged Lloyd-Max quantizer of every group, over all layers."""
+    err = total = 0.0
+    for w in ws:
+        rows = as_rows(w).float()
+        stats = SortedGroups(rows, min(groups, rows.shape[0]))
+        levels = density_init(stats, 2**n_bits)
+        prev = None
+        for _ in range(max_iter // 50):
+            levels = lloyd(stats, levels, 50)
+            e = float(stats.nearest_error(levels).sum())
+            if prev is not None and prev - e <= 1e-10 * prev:
+                break
+            prev = e
+        err += float(stats.nearest_error(levels).sum())
+        total += float(rows.double().pow(2).sum())
+    return err / total
+
+
+def exact_kmeans_error(values: torch.Tensor, k: int) -> float:
+    """Exact 1-D k-means squared error by dynamic programming over the sorted values, O(k n^2)."""
+    x = torch.sort(values.double()).values
+    n = x.numel()
+    c1 = torch.cat([x.new_zeros(1), x.cumsum(0)])
+    c2 = torch.cat([x.new_zeros(1), (x * x).cumsum(0)])
+    i = torch.arange(n + 1)
+    j, e = i[:, None], i[None, :]  # cluster covers x[j:e]
+    cnt = (e - j).clamp_min(1).double()
+    cost = (c2[e] - c2[j]) - (c1[e] - c1[j]) ** 2 / cnt
+    cost = torch.where(e > j, cost, torch.full_like(cost, float("inf")))
+    best = cost[0].clone()  # one cluster for x[:e]
+    for _ in range(k - 1):
+        best = torch.minimum(best, (best[:, None] + cost).min(0).values)
+    return float(best[n])
+
+
+def check_exact(ws: list[torch.Tensor], n_bits: int, groups: int) -> float:
+    """Largest relative gap between the Lloyd-Max reference and the exact optimum, on small groups."""
+    gap = 0.0
+    for w in sorted(ws, key=lambda t: t.numel())[:3]:
+        rows = as_rows(w).float()
+        stats = SortedGroups(rows, min(groups, rows.shape[0]))
+        levels = lloyd(stats, density_init(stats, 2**n_bits), 3000)
+        ref = stats.nearest_error(levels)
+        for g in range(min(4, stats.n_groups)):
+            exact = exact_kmeans_error(stats.sorted[g, : int(stats.counts[g])], 2**n_bits)
+            gap = max(gap, float(ref[g]) / exact - 1 if exact > 0 else 0.0)
+    return gap
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--check-exact", action="store_true")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet34", pretrained=False)
+    ws = weights(model)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, resnet34: "
+          f"{sum(w.numel() for w in ws) / 1e6:.1f} M weights in {len(ws)} layers, 32 groups")
+
+    fit, base = [], []
+    for _ in range(args.repeats):
+        base.append(baseline_seconds(ws, 4))
+        start = time.perf_counter()
+        BitQuantizer(model, 32, 4, method="hash").train_hash_functions(n_iter=50)
+        fit.append(time.perf_counter() - start)
+    print(f"speed (4 bits, 50 iterations, hash): fit {statistics.median(fit):.2f} s, "
+          f"sort + bucketize {statistics.median(base):.2f} s, ratio {statistics.median(fit) / statistics.median(base):.2f} (target <= 2)")
+
+    print(f"{'bits':>4} {'optimum':>9} {'hash':>9} {'hash/opt':>9} {'kmeans':>9} {'kmeans/opt':>10}")
+    for n_bits in args.bits:
+        opt = optimum(ws, n_bits, 32)
+        row = [f"{n_bits:>4}", f"{opt:9.5f}"]
+        for method in ("hash", "kmeans"):
+            err = BitQuantizer(model, 32, n_bits, method=method).train_hash_functions(50).report().rel_error
+            row += [f"{err:9.5f}", f"{err / opt:9.4f}" + (" " if method == "kmeans" else "")]
+        if args.check_exact:
+            row.append(f"  Lloyd-Max vs exact DP on small groups: +{check_exact(ws, n_bits, 32):.2e}")
+        print(" ".join(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The report plugin: hooks in, files out."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from timm_qconv import hookimpl
+
+from .files import encode_records, write_atomic
+from .plots import errors_png, have_matplotlib, histograms_png
+from .process import is_main_process
+from .settings import check_format, resolve_dir, resolve_format
+from .snapshot import LayerSnapshot, from_bit_quantizer, from_model
+
+RECORD_EVENTS = ("on_epoch_end", "on_train_end")
+
+
+class ReportPlugin:
+    """Records each quantized layer's relative error and distinct levels; plots them when a run ends.
+
+    A record (one row per layer) is taken at every ``on_epoch_end`` and ``on_train_end`` training
+    event and after every BitQuantizer pass; ``on_train_begin`` starts over. The records file is
+    rewritten after each. The plots are drawn at ``on_train_end`` (from the model, else from the
+    last BitQuantizer pass), or after a BitQuantizer pass outside training. Only the main process
+    does any of this.
+
+    Args:
+        out_dir: where the files go; ``None``: ``$TIMM_QCONV_REPORT_DIR``, else ``./timm-qconv-report``.
+        fmt: ``"csv"`` or ``"json"``; ``None``: ``$TIMM_QCONV_REPORT_FORMAT``, else ``"csv"``.
+        plots: draw the PNG plots (when matplotlib is installed).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike | None = None, fmt: str | None = None, plots: bool = True) -> None:
+        self.out_dir = out_dir
+        self.fmt = None if fmt is None else check_format(fmt)
+        self.plots = plots
+        self.records: list[dict[str, Any]] = []
+        self._epoch: Any = None
+        self._step: Any = None
+        self._training = False
+        self._last_pass: list[LayerSnapshot] = []
+
+    @property
+    def directory(self) -> Path:
+        return resolve_dir(self.out_dir)
+
+    @hookimpl
+    def training_event(self, event: str, state: Any, payload: dict[str, Any]) -> None:
+        if not is_main_process(state, payload):
+            return
+        self._epoch = getattr(state, "epoch", self._epoch)
+        self._step = getattr(state, "global_step", getattr(state, "step", self._step))
+        if event == "on_train_begin":
+            self.records, self._last_pass, self._training = [], [], True
+        elif event in RECORD_EVENTS:
+            model = (payload or {}).get("model")
+            snapshots = from_model(model) if model is not None else []
+            self._record(event, snapshots)
+            if event == "on_train_end":
+                self._training = False
+                self._plot(snapshots or self._last_pass)
+
+    @hookimpl
+    def after_bit_quantizer(self, quantizer: Any) -> None:
+        if not is_main_process():
+            return
+        self._last_pass = from_bit_quantizer(quantizer)
+        self._record("bit_quantizer", self._last_pass)
+        if not self._training:
+            self._plot(self._last_pass)
+
+    def _record(self, event: str, snapshots: list[LayerSnapshot]) -> None:
+        if not snapshots:
+            return
+        self.records += [
+            {"event": event, "epoch": self._epoch, "step": self._step, "layer": s.name, "n_bits": s.n_bits,
+             "rel_error": s.rel_error, "n_levels": s.n_levels}
+            for s in snapshots
+        ]
+        fmt = resolve_format(self.fmt)
+        write_atomic(self.directory / f"records.{fmt}", encode_records(self.records, fmt))
+
+    def _plot(self, snapshots: list[LayerSnapshot]) -> None:
+        if not (self.plots and snapshots and have_matplotlib()):
+            return
+        write_atomic(self.directory / "histograms.png", histograms_png(snapshots))
+        write_atomic(self.directory / "errors.png", errors_png(snapshots))

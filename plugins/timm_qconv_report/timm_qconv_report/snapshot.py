@@ -1,0 +1,59 @@
+"""What the report keeps of one quantized layer: its error, its distinct levels, a sample of its weights."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from timm_qconv import quantized_layers
+
+SAMPLE = 20_000  # weights kept per layer for the histogram
+
+
+@dataclass(frozen=True)
+class LayerSnapshot:
+    """One layer's quantization at one moment.
+
+    Args:
+        name: the layer's name in the model.
+        n_bits: its bits per weight.
+        rel_error: ``sum((q - w)**2) / sum(w**2)`` over the layer.
+        levels: its distinct quantized values, sorted (on the CPU).
+        weight_sample: up to :data:`SAMPLE` of its float weights, evenly strided (on the CPU).
+    """
+
+    name: str
+    n_bits: int
+    rel_error: float
+    levels: Tensor
+    weight_sample: Tensor
+
+    @property
+    def n_levels(self) -> int:
+        return self.levels.numel()
+
+    @classmethod
+    def of(cls, name: str, n_bits: int, weight: Tensor, quantized: Tensor) -> "LayerSnapshot":
+        """Snapshot a layer from its float and its quantized weight (any device)."""
+        with torch.no_grad():
+            w = weight.detach().flatten().float()
+            q = quantized.detach().flatten().float()
+            total = float(w.pow(2).sum())
+            rel_error = float((q - w).pow(2).sum()) / total if total > 0 else 0.0
+            sample = w[:: max(1, w.numel() // SAMPLE)]
+            return cls(name, n_bits, rel_error, torch.unique(q).cpu(), sample.cpu())
+
+
+def from_model(model: nn.Module) -> list[LayerSnapshot]:
+    """Every quantized layer of ``model`` (the callback handler's payload holds it already unwrapped)."""
+    return [LayerSnapshot.of(name, layer.quant_config.n_bits, layer.weight, layer.eval_quantized_weight())
+            for name, layer in quantized_layers(model)]
+
+
+def from_bit_quantizer(quantizer: Any) -> list[LayerSnapshot]:
+    """Every layer of a fitted :class:`timm_qconv.BitQuantizer`."""
+    return [LayerSnapshot.of(name, quantizer.configs[name].n_bits, quantizer.modules[name].weight,
+                             quantizer.quantized_weight(name))
+            for name in quantizer.layer_names]
