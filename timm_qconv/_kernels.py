@@ -43,23 +43,25 @@ def get_backend() -> str:
     return _backend
 
 
-def _codes(rows: Tensor, table: Tensor) -> Tensor:
-    """Nearest-level codes by counting the midpoints below each weight (unrolled over L: fusable)."""
-    code = torch.zeros_like(rows, dtype=torch.int64)
-    for j in range(table.shape[1] - 1):
-        mid = (table[:, j : j + 1] + table[:, j + 1 : j + 2]) * 0.5
-        code = code + (rows > mid).to(torch.int64)
-    return code
-
-
 def _fused_forward(rows: Tensor, table: Tensor) -> Tensor:
-    return table.gather(1, _codes(rows, table))
+    """Nearest level as a chain of selects over the L-1 midpoints: pure elementwise work, so the
+    compiler emits one vectorised pass (a gather by computed index would not vectorise)."""
+    q = table[:, :1].expand_as(rows)
+    for j in range(table.shape[1] - 1):
+        low, high = table[:, j : j + 1], table[:, j + 1 : j + 2]
+        q = torch.where(rows > (low + high) * 0.5, high, q)
+    return q
 
 
 def _fused_backward(rows: Tensor, table: Tensor, grad: Tensor) -> Tensor:
-    code = _codes(rows, table)
-    sums = [torch.where(code == level, grad, 0.0).sum(1) for level in range(table.shape[1])]
-    return torch.stack(sums, 1)
+    """Per-level gradient sums from one pass: ``above[:, j]`` sums the gradient of the weights above
+    midpoint ``j - 1`` (``above[:, 0]`` all of them); a level's share is the difference of neighbours."""
+    above = [grad.sum(1)]
+    for j in range(table.shape[1] - 1):
+        mid = (table[:, j : j + 1] + table[:, j + 1 : j + 2]) * 0.5
+        above.append(torch.where(rows > mid, grad, 0.0).sum(1))
+    above = torch.stack(above, 1)
+    return above - torch.cat([above[:, 1:], torch.zeros_like(above[:, :1])], 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,36 +76,61 @@ def _use_compiled(table: Tensor) -> bool:
 
 class _NearestLookup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, table: Tensor, rows: Tensor) -> Tensor:
-        if _use_compiled(table):
+    def forward(ctx: Any, table: Tensor, rows: Tensor, ste: bool) -> Tensor:
+        ctx.ste = ste
+        ctx.compiled = _use_compiled(table)
+        if ctx.compiled:
             ctx.save_for_backward(table, rows)
-            ctx.compiled = True
             return _compiled(table.shape[1])[0](rows, table)
-        mids = ((table[:, 1:] + table[:, :-1]) * 0.5).contiguous()
-        codes = torch.searchsorted(mids, rows)
+        codes = torch.searchsorted(_midpoints(table), rows)
         ctx.save_for_backward(table, codes)
-        ctx.compiled = False
         return table.gather(1, codes)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        table, saved = ctx.saved_tensors
-        grad = grad.contiguous()
-        if ctx.compiled:
-            return _compiled(table.shape[1])[1](saved, table, grad), None
-        return torch.zeros_like(table).scatter_add_(1, saved, grad), None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        grad_table = None
+        if ctx.needs_input_grad[0]:
+            table, saved = ctx.saved_tensors
+            grad = grad.contiguous()
+            if ctx.compiled:
+                grad_table = _compiled(table.shape[1])[1](saved, table, grad)
+            else:
+                grad_table = torch.zeros_like(table).scatter_add_(1, saved, grad)
+        # Straight through: the incoming gradient itself, not a copy, so that autograd can move it
+        # into the weight's .grad without cloning.
+        return grad_table, (grad if ctx.ste else None), None
 
 
-def nearest_lookup(table: Tensor, rows: Tensor) -> Tensor:
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the quantized value. Backward: its gradient, unchanged, to the float value too."""
+
+    @staticmethod
+    def forward(ctx: Any, quantized: Tensor, rows: Tensor) -> Tensor:
+        return quantized.view_as(quantized)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        return grad, grad
+
+
+def straight_through(quantized: Tensor, rows: Tensor) -> Tensor:
+    """``quantized`` in the forward; in the backward its gradient also reaches ``rows`` unchanged."""
+    return _StraightThrough.apply(quantized, rows)
+
+
+def _midpoints(table: Tensor) -> Tensor:
+    return ((table[:, 1:] + table[:, :-1]) * 0.5).contiguous()
+
+
+def nearest_lookup(table: Tensor, rows: Tensor, ste: bool = False) -> Tensor:
     """Round each weight of ``rows`` (C, K) to the nearest level of its row of ``table`` (C, L, sorted).
 
-    Differentiable in ``table`` only. Ties go to the lower level, as ``torch.searchsorted``.
+    Differentiable in ``table``; with ``ste=True`` the gradient also reaches ``rows`` straight
+    through the rounding. Ties go to the lower level, as ``torch.searchsorted``.
     """
-    rows = rows.detach().contiguous()
+    rows = (rows if ste else rows.detach()).contiguous()
     table = table.contiguous()
-    if not (table.requires_grad and torch.is_grad_enabled()) and not _use_compiled(table):
-        mids = ((table[:, 1:] + table[:, :-1]) * 0.5).contiguous()
-        return table.gather(1, torch.searchsorted(mids, rows))
-    return _NearestLookup.apply(table, rows)
+    needs_grad = torch.is_grad_enabled() and (table.requires_grad or (ste and rows.requires_grad))
+    if not needs_grad and not _use_compiled(table):
+        return table.gather(1, torch.searchsorted(_midpoints(table), rows))
+    return _NearestLookup.apply(table, rows, ste)

@@ -8,6 +8,7 @@ costs about one sort of the weights.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Iterable
 
 import torch
@@ -93,8 +94,11 @@ class BitQuantizer:
             config = self.configs[name]
             rows = self._rows(module)
             stats = SortedGroups(rows, min(config.n_functions, rows.shape[0]))  # the one sort
-            quantizer = config_owner(config)(rows, config, stats=stats)
-            quantizer.fit_(stats, n_iter, rows=rows)
+            if "init_iters" in config.field_names():  # the constructor's own fit is the fit
+                quantizer = config_owner(config)(rows, dataclasses.replace(config, init_iters=n_iter), stats=stats)
+            else:
+                quantizer = config_owner(config)(rows, config, stats=stats)
+                quantizer.fit_(stats, n_iter, rows=rows)
             quantizer.eval()
             code = quantizer.encode(rows)
             q = quantizer.decode(code)

@@ -26,19 +26,6 @@ from .methods.base import Quantizer
 MODES = ("ste", "float")
 
 
-class _StraightThrough(torch.autograd.Function):
-    """Forward: the quantized weight. Backward: its gradient goes to both the quantized weight
-    (hence the quantizer's parameters) and, unchanged, to the float weight. No copies."""
-
-    @staticmethod
-    def forward(ctx: Any, quantized: Tensor, weight: Tensor) -> Tensor:
-        return quantized.view_as(quantized)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
-        return grad, grad
-
-
 class QuantMixin:
     """What :class:`QuantConv2d` and :class:`QuantLinear` share; mixed into an ``nn`` layer class."""
 
@@ -64,7 +51,7 @@ class QuantMixin:
 
     def quantized_weight(self) -> Tensor:
         """The weight as used in eval: quantized, with the straight-through gradient."""
-        return _StraightThrough.apply(self.quantizer(self.weight), self.weight)
+        return self.quantizer(self.weight, ste=True)
 
     def forward_weight(self) -> Tensor:
         """The weight this forward uses: float while training in ``"float"`` mode, else quantized."""

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .._groups import SortedGroups, as_rows, group_index, midpoints
-from .._kernels import nearest_lookup
+from .._kernels import nearest_lookup, straight_through
 from ..config import QuantConfig
 
 
@@ -84,9 +84,21 @@ class Quantizer(nn.Module):
             return self.decode(self.encode(rows))
         return nearest_lookup(self.levels()[self.group_index], rows)
 
-    def forward(self, weight: Tensor) -> Tensor:
-        rows = as_rows(weight.detach()).float()
-        return self.quantize_rows(rows).view(weight.shape).to(weight.dtype)
+    def forward(self, weight: Tensor, ste: bool = False) -> Tensor:
+        """The quantized weight, same shape and dtype.
+
+        Args:
+            weight: the float weight (first dimension = output channels).
+            ste: let the gradient reach ``weight`` straight through the rounding (the layers'
+                ``"ste"`` mode); otherwise only the quantizer's parameters get gradients.
+        """
+        rows = as_rows(weight if ste else weight.detach()).float()
+        if ste and self.nearest:  # one fused op, no copy of the gradient
+            q = nearest_lookup(self.levels()[self.group_index], rows, ste=True)
+        else:
+            q = self.quantize_rows(rows.detach())
+            q = straight_through(q, rows) if ste else q
+        return q.view(weight.shape).to(weight.dtype)
 
     @torch.no_grad()
     def fit_(self, stats: SortedGroups, n_iter: int, rows: Tensor | None = None) -> None:

@@ -50,9 +50,12 @@ def basis_from_levels(levels: Tensor, weight: Tensor, signs: Tensor) -> Tensor:
     return _solve(a, (weight * levels) @ signs)
 
 
-def qem(stats: SortedGroups, basis: Tensor, signs: Tensor, n_iter: int) -> tuple[Tensor, Tensor]:
+def qem(stats: SortedGroups, basis: Tensor, signs: Tensor, n_iter: int, prune_after: int = 4,
+        tol: float = 1e-7) -> tuple[Tensor, Tensor]:
     """LQ-Nets' alternating fit from ``basis`` (G, S, n): S starts per group, fitted side by side.
 
+    After ``prune_after`` iterations only each group's leading start goes on (the ranking rarely
+    changes later), and the loop stops early once no group improves by more than ``tol`` (relative).
     Returns the best basis seen for each group (G, n) and its squared error (G,).
     """
     n_groups, n_starts, n_bits = basis.shape
@@ -69,15 +72,26 @@ def qem(stats: SortedGroups, basis: Tensor, signs: Tensor, n_iter: int) -> tuple
         better = err < best_err
         pick = basis.view(n_groups, n_starts, n_bits)[torch.arange(n_groups, device=basis.device), start]
         best = torch.where(better[:, None], pick, best)
+        converged = bool(((best_err - err) <= tol * err).all())
         best_err = torch.where(better, err, best_err)
-        if step == n_iter:
+        if step == n_iter or (converged and n_starts == 1):
             break
+        if step == prune_after and n_starts > 1:
+            levels, order, cells = _take_start(levels, order, cells, start)
+            basis, n_starts = pick, 1
         n, s1, _ = (c.reshape(n_groups * n_starts, -1) for c in cells)
         # Back from sorted order to pattern order, then solve (S^T N S) v = S^T sums.
         n_p = torch.zeros_like(n).scatter_(-1, order, n)
         s_p = torch.zeros_like(s1).scatter_(-1, order, s1)
         basis = _solve((n_p @ outer).view(-1, n_bits, n_bits), s_p @ signs)
     return best.float(), best_err
+
+
+def _take_start(levels: Tensor, order: Tensor, cells: tuple, start: Tensor) -> tuple:
+    """Keep only start ``start[g]`` of each group in the per-start tensors of one QEM iteration."""
+    n_groups, n_starts = levels.shape[:2]
+    flat = torch.arange(n_groups, device=start.device) * n_starts + start
+    return levels[torch.arange(n_groups), start][:, None], order[flat], tuple(c[torch.arange(n_groups), start][:, None] for c in cells)
 
 
 def _start_shapes(n_bits: int, n_random: int = 8) -> Tensor:
