@@ -337,3 +337,21 @@ def test_from_float_keeps_training_flag(method):
     conv = nn.Conv2d(3, 4, 3).eval()
     layer = QuantConv2d.from_float(conv, method=method, n_bits=2)
     assert not layer.training and not layer.quantizer.training, f"{method}: from_float of an eval conv is in training mode"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_task_gradient_to_quantizer_is_scaled_by_group_size(method):
+    """In "ste" mode a level's gradient is the sum over the many weights sharing it, scaled by
+    1/sqrt(weights per group) as in LSQ, so that levels do not outrun the weights."""
+    layer = QuantConv2d(8, 16, 3, n_bits=2, n_functions=4, method=method)
+    weight = layer.weight.detach()
+    grad_out = torch.randn_like(weight)
+    quantizer = layer.quantizer
+    params = [p for p in quantizer.parameters() if p.requires_grad]
+    (quantizer(weight.clone().requires_grad_(), ste=True) * grad_out).sum().backward()
+    scaled = [p.grad.clone() for p in params]
+    quantizer.zero_grad()
+    (quantizer(weight) * grad_out).sum().backward()
+    factor = (quantizer.n_groups / weight.numel()) ** 0.5
+    for p, g in zip(params, scaled):
+        torch.testing.assert_close(g, p.grad * factor, msg=lambda m: f"{method}: task gradient not scaled by {factor:.4f}: {m}")

@@ -118,6 +118,14 @@ def straight_through(quantized: Tensor, rows: Tensor) -> Tensor:
     return _StraightThrough.apply(quantized, rows)
 
 
+def scale_grad(x: Tensor, factor: float) -> Tensor:
+    """``x`` in the forward; its gradient multiplied by ``factor`` in the backward."""
+    if factor == 1.0 or not x.requires_grad:
+        return x
+    # (x - x.detach()) is exactly zero, so the forward value is x bit for bit.
+    return x.detach() + (x - x.detach()) * factor
+
+
 def _midpoints(table: Tensor) -> Tensor:
     return ((table[:, 1:] + table[:, :-1]) * 0.5).contiguous()
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .._groups import SortedGroups, as_rows, group_index, midpoints
-from .._kernels import nearest_lookup, straight_through
+from .._kernels import nearest_lookup, scale_grad, straight_through
 from ..config import QuantConfig
 
 
@@ -93,12 +93,23 @@ class Quantizer(nn.Module):
                 ``"ste"`` mode); otherwise only the quantizer's parameters get gradients.
         """
         rows = as_rows(weight if ste else weight.detach()).float()
-        if ste and self.nearest:  # one fused op, no copy of the gradient
-            q = nearest_lookup(self.levels()[self.group_index], rows, ste=True)
+        if not ste:
+            q = self.quantize_rows(rows)
+        elif self.nearest:  # one fused op, no copy of the gradient
+            table = scale_grad(self.levels()[self.group_index], self.grad_scale(rows))
+            q = nearest_lookup(table, rows, ste=True)
         else:
-            q = self.quantize_rows(rows.detach())
-            q = straight_through(q, rows) if ste else q
+            q = straight_through(scale_grad(self.quantize_rows(rows.detach()), self.grad_scale(rows)), rows)
         return q.view(weight.shape).to(weight.dtype)
+
+    def grad_scale(self, rows: Tensor) -> float:
+        """Factor on the task loss's gradient to the quantizer: ``1 / sqrt(weights per group)``.
+
+        A level is shared by thousands of weights, so its true gradient is a sum over all of them
+        and would move it far faster than any weight; LSQ (Esser et al., ICLR 2020) scales it down
+        the same way. The hash loss is a mean and needs no scaling.
+        """
+        return (self.n_groups / rows.numel()) ** 0.5
 
     @torch.no_grad()
     def fit_(self, stats: SortedGroups, n_iter: int, rows: Tensor | None = None) -> None:
