@@ -20,8 +20,18 @@ dev: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+# Post-training: quantize a timm model with the command line and print its report; then a short
+# quantization-aware training run of the recipe on real Fashion-MNIST (Debian's package, installed
+# when possible; synthetic data otherwise).
 demo: $(STAMP)
 	$(PY) -m timm_qconv quantize --model resnet18 --bits 4 --functions 32 --iters 50 --out demo_out/resnet18_q4
+	$(PY) -m timm_qconv info demo_out/resnet18_q4
+	@test -d $(FASHION_MNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } >/dev/null 2>&1 \
+		|| echo "Fashion-MNIST could not be installed here; the recipe uses synthetic data"
+	$(PY) recipes/resnet34_q.py --dataset $$(test -d $(FASHION_MNIST) && echo fashion-mnist || echo synthetic) \
+		--epochs 1 --max-steps 60 --batch-size 64 --log-every 20 --output-dir demo_out/resnet34_q
 
 bench: $(STAMP)
 	$(PY) benchmarks/qat_overhead.py

@@ -5,9 +5,10 @@ one ``torch.sort`` over the same weights plus one ``torch.bucketize`` pass over 
 in this process (medians of --repeats). Target: at most 2.
 
 Quality: relative weight error ``sum((q - w)**2) / sum(w**2)`` over all layers, for ``hash`` and
-``kmeans`` at each bit width, against the optimal scalar quantizer of each group (Lloyd-Max: 1-D
-k-means run to convergence from the companded start; ``--check-exact`` also compares that reference
-with an exact dynamic-programming k-means on the smallest layers' groups).
+``kmeans`` at each bit width, against the best known scalar quantizer of each group: exact 1-D
+k-means by dynamic programming where affordable (small groups), Lloyd-Max run to convergence
+elsewhere. ``--check-exact`` measures how far converged Lloyd-Max stays above the exact optimum on
+two 4608-weight groups (exact program: O(L n^2), seconds at this size).
 
     python benchmarks/ptq_speed.py [--bits 1 2 3 4 5 6 7 8] [--repeats 3] [--check-exact]
 """
@@ -23,7 +24,7 @@ from torch import nn
 
 from timm_qconv import BitQuantizer
 from timm_qconv._groups import SortedGroups, as_rows
-from timm_qconv.methods.kmeans import density_init, lloyd
+from timm_qconv.methods.kmeans import density_init, exact_levels, lloyd, refine_small_groups
 
 
 def weights(model: nn.Module) -> list[torch.Tensor]:
@@ -41,54 +42,36 @@ def baseline_seconds(ws: list[torch.Tensor], n_bits: int) -> float:
     return time.perf_counter() - start
 
 
-def optimum(ws: list[torch.Tensor], n_bits: int, groups: int, max_iter: int = 3000) -> float:
-    """Relative error of the converged Lloyd-Max quantizer of every group, over all layers."""
+def optimum(ws: list[torch.Tensor], n_bits: int, groups: int, max_iter: int = 2000) -> float:
+    """Relative error of the best known scalar quantizer of every group, over all layers: the exact
+    k-means optimum where the dynamic program is affordable (small groups), else Lloyd-Max run to
+    convergence from the companded start."""
     err = total = 0.0
     for w in ws:
         rows = as_rows(w).float()
         stats = SortedGroups(rows, min(groups, rows.shape[0]))
-        levels = density_init(stats, 2**n_bits)
-        prev = None
+        levels, prev = density_init(stats, 2**n_bits), None
         for _ in range(max_iter // 50):
             levels = lloyd(stats, levels, 50)
             e = float(stats.nearest_error(levels).sum())
-            if prev is not None and prev - e <= 1e-10 * prev:
+            if prev is not None and prev - e <= 1e-9 * prev:
                 break
             prev = e
-        err += float(stats.nearest_error(levels).sum())
+        exact = torch.sort(refine_small_groups(stats, levels), 1).values
+        err += float(torch.minimum(stats.nearest_error(levels), stats.nearest_error(exact)).sum())
         total += float(rows.double().pow(2).sum())
     return err / total
 
 
-def exact_kmeans_error(values: torch.Tensor, k: int) -> float:
-    """Exact 1-D k-means squared error by dynamic programming over the sorted values, O(k n^2)."""
-    x = torch.sort(values.double()).values
-    n = x.numel()
-    c1 = torch.cat([x.new_zeros(1), x.cumsum(0)])
-    c2 = torch.cat([x.new_zeros(1), (x * x).cumsum(0)])
-    i = torch.arange(n + 1)
-    j, e = i[:, None], i[None, :]  # cluster covers x[j:e]
-    cnt = (e - j).clamp_min(1).double()
-    cost = (c2[e] - c2[j]) - (c1[e] - c1[j]) ** 2 / cnt
-    cost = torch.where(e > j, cost, torch.full_like(cost, float("inf")))
-    best = cost[0].clone()  # one cluster for x[:e]
-    for _ in range(k - 1):
-        best = torch.minimum(best, (best[:, None] + cost).min(0).values)
-    return float(best[n])
-
-
-def check_exact(ws: list[torch.Tensor], n_bits: int, groups: int) -> float:
-    """Largest relative gap between the Lloyd-Max reference and the exact optimum, on small groups."""
-    gap = 0.0
-    for w in sorted(ws, key=lambda t: t.numel())[:3]:
-        rows = as_rows(w).float()
-        stats = SortedGroups(rows, min(groups, rows.shape[0]))
-        levels = lloyd(stats, density_init(stats, 2**n_bits), 3000)
-        ref = stats.nearest_error(levels)
-        for g in range(min(4, stats.n_groups)):
-            exact = exact_kmeans_error(stats.sorted[g, : int(stats.counts[g])], 2**n_bits)
-            gap = max(gap, float(ref[g]) / exact - 1 if exact > 0 else 0.0)
-    return gap
+def check_exact(ws: list[torch.Tensor], n_bits: int, groups: int, size: int = 4608) -> float:
+    """Gap between converged Lloyd-Max and the exact optimum on two groups of ``size`` weights: how
+    far above exact the reference may be where the exact program is too costly."""
+    layer = next(w for w in ws if as_rows(w).numel() // groups == size)
+    stats = SortedGroups(as_rows(layer).float(), groups)
+    ref = stats.nearest_error(lloyd(stats, density_init(stats, 2**n_bits), 2000))
+    exact = [stats.nearest_error(torch.sort(exact_levels(stats.sorted[g], 2**n_bits)).values.expand(groups, -1))[g]
+             for g in range(2)]
+    return max(float(ref[g]) / float(exact[g]) - 1 for g in range(2))
 
 
 def main() -> None:
@@ -120,8 +103,8 @@ def main() -> None:
         for method in ("hash", "kmeans"):
             err = BitQuantizer(model, 32, n_bits, method=method).train_hash_functions(50).report().rel_error
             row += [f"{err:9.5f}", f"{err / opt:9.4f}" + (" " if method == "kmeans" else "")]
-        if args.check_exact:
-            row.append(f"  Lloyd-Max vs exact DP on small groups: +{check_exact(ws, n_bits, 32):.2e}")
+        if args.check_exact and n_bits <= 4:  # the exact program costs O(L n^2)
+            row.append(f"  Lloyd-Max above exact on 4608-weight groups: +{check_exact(ws, n_bits, 32):.1%}")
         print(" ".join(row), flush=True)
 
 

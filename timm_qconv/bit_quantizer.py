@@ -19,7 +19,7 @@ from ._errors import check_int
 from ._groups import SortedGroups, as_rows
 from ._registry import config_owner, make_config
 from .config import QuantConfig
-from .convert import layer_configs, plan_quantization
+from .convert import check_finite, layer_configs, plan_quantization
 from .methods.base import Quantizer
 from .plugins import call_hook
 from .report import LayerReport, QuantReport
@@ -70,9 +70,7 @@ class BitQuantizer:
         self.layer_names = list(self.configs)
         modules = dict(model.named_modules())
         self.modules: dict[str, nn.Module] = {name: modules[name] for name in self.layer_names}
-        for name, module in self.modules.items():
-            if not bool(torch.isfinite(module.weight).all()):
-                raise ValueError(f"layer {name!r} has non-finite weights (NaN or inf); fix them or pass avoid=[{name!r}]")
+        check_finite(self.modules, self.layer_names)
         self.device = torch.device(device) if device is not None else None
         self.verbose = bool(verbose)
         self.quantizers: dict[str, Quantizer] = {}

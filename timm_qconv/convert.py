@@ -166,6 +166,13 @@ def layer_configs(model: nn.Module, names: Sequence[str], config: QuantConfig) -
     return configs
 
 
+def check_finite(modules: dict[str, nn.Module], names: Iterable[str]) -> None:
+    """Raise, naming the layer, if a layer to be quantized has NaN or inf weights."""
+    for name in names:
+        if not bool(torch.isfinite(modules[name].weight).all()):
+            raise ValueError(f"layer {name!r} has non-finite weights (NaN or inf); fix them or pass avoid=[{name!r}]")
+
+
 def _set_everywhere(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
     """Swap modules by identity under every parent that holds them (shared modules included)."""
     for parent in model.modules():
@@ -210,10 +217,7 @@ def quantize_model(
     check_choice("mode", mode, MODES)
     chosen = plan_quantization(model, layers, avoid, skip_first_last, filter_fn)
     modules = dict(model.named_modules())
-    for fqn in chosen:  # check everything before building anything
-        weight = modules[fqn].weight
-        if not bool(torch.isfinite(weight).all()):
-            raise ValueError(f"layer {fqn!r} has non-finite weights (NaN or inf); fix them or pass avoid=[{fqn!r}]")
+    check_finite(modules, chosen)  # everything is checked before anything is built
     call_hook("before_quantize", model=model, config=config)
     configs = layer_configs(model, chosen, config)
     replacements = {}
@@ -243,8 +247,7 @@ def freeze_model(model: nn.Module) -> nn.Module:
 
     In place; returns the model. The result runs and loads without timm_qconv installed.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model={type(model).__name__} is not an nn.Module")
+    check_module("model", model)
     call_hook("before_freeze", model=model)
     if isinstance(model, QuantMixin):
         model = model.to_float()

@@ -133,3 +133,21 @@ class QuantCallback:
 
     def on_train_end(self, state: TrainState, control: TrainControl, **kwargs: Any) -> nn.Module | None:
         """Training ended; may return a replacement for the model (e.g. frozen into plain layers)."""
+
+
+def resolve_options(options_class: type, options: Any, kwargs: dict[str, Any], owner: str) -> Any:
+    """A callback's options: the ``options`` object given, or one built from keyword arguments.
+
+    Unknown keywords and a mix of both forms raise ``TypeError`` naming what is allowed.
+    """
+    if options is None:
+        known = [f.name for f in dataclasses.fields(options_class) if f.init]
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown} for {owner}; allowed: {known}")
+        return options_class(**kwargs)
+    if kwargs:
+        raise TypeError(f"pass either options={options_class.__name__}(...) or keyword options, not both")
+    if not isinstance(options, options_class):
+        raise TypeError(f"options={options!r} must be a {options_class.__name__}")
+    return options

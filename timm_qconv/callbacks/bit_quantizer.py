@@ -11,7 +11,7 @@ together with :class:`~timm_qconv.callbacks.HashLossCallback` (whose layers are 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
@@ -23,7 +23,7 @@ from ..bit_quantizer import BitQuantizer
 from ..config import QuantConfig
 from ..convert import _as_layer_types, _as_patterns
 from ..report import QuantReport
-from .base import QuantCallback, TrainControl, TrainState
+from .base import QuantCallback, TrainControl, TrainState, resolve_options
 
 EvalFn = Callable[[nn.Module], dict[str, float]]
 
@@ -98,14 +98,7 @@ class BitQuantizerCallback(QuantCallback):
 
     def __init__(self, options: BitQuantizerOptions | None = None, *, eval_fn: EvalFn | None = None,
                  eval_dataloader: Iterable | None = None, metric: Any = None, **kwargs: Any) -> None:
-        if options is None:
-            known = [f.name for f in fields(BitQuantizerOptions) if f.init]
-            unknown = sorted(set(kwargs) - set(known))
-            if unknown:
-                raise TypeError(f"unknown option(s) {unknown} for BitQuantizerCallback; allowed: {known}")
-            options = BitQuantizerOptions(**kwargs)
-        elif kwargs:
-            raise TypeError("pass either options=BitQuantizerOptions(...) or keyword options, not both")
+        options = resolve_options(BitQuantizerOptions, options, kwargs, "BitQuantizerCallback")
         if eval_fn is not None and eval_dataloader is not None:
             raise TypeError("pass eval_fn or eval_dataloader, not both")
         if eval_fn is not None and not callable(eval_fn):

@@ -12,7 +12,7 @@ every optimizer step, which keeps them identical on every process.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -23,7 +23,7 @@ from .._registry import config_owner, make_config
 from ..config import QuantConfig
 from ..convert import _as_layer_types, _as_patterns, freeze_model, hash_loss, quantize_model, quantized_layers
 from ..layers import MODES
-from .base import QuantCallback, TrainControl, TrainState
+from .base import QuantCallback, TrainControl, TrainState, resolve_options
 
 _KIND_NAMES = {nn.Conv2d: "conv", nn.Linear: "linear"}
 
@@ -139,16 +139,7 @@ class HashLossCallback(QuantCallback):
     """
 
     def __init__(self, options: HashLossOptions | None = None, **kwargs: Any) -> None:
-        if options is None:
-            known = [f.name for f in fields(HashLossOptions) if f.init]
-            unknown = sorted(set(kwargs) - set(known))
-            if unknown:
-                raise TypeError(f"unknown option(s) {unknown} for HashLossCallback; allowed: {known}")
-            options = HashLossOptions(**kwargs)
-        elif kwargs:
-            raise TypeError("pass either options=HashLossOptions(...) or keyword options, not both")
-        elif not isinstance(options, HashLossOptions):
-            raise TypeError(f"options={options!r} must be a HashLossOptions")
+        options = resolve_options(HashLossOptions, options, kwargs, "HashLossCallback")
         self.options = options
         self.levels_frozen = False
         self.model_frozen = False  # True once on_train_end replaced the quantized layers by plain ones

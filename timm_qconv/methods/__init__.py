@@ -5,7 +5,7 @@ from .base import Quantizer
 from .hash import HashConfig, HashQuantizer
 from .kmeans import KMeansConfig, KMeansQuantizer
 from .linear import LinearConfig, LinearQuantizer
-from .log import LogConfig, LogQuantizer
+from .log import LogConfig, LogQuantizer, ScaledShapeQuantizer
 from .poly import PolyConfig, PolyQuantizer
 
 BUILTIN_METHODS = {
@@ -25,5 +25,5 @@ def register_methods(register):
 
 __all__ = [
     "Quantizer", "HashConfig", "HashQuantizer", "KMeansConfig", "KMeansQuantizer", "LinearConfig",
-    "LinearQuantizer", "LogConfig", "LogQuantizer", "PolyConfig", "PolyQuantizer", "BUILTIN_METHODS",
+    "LinearQuantizer", "LogConfig", "LogQuantizer", "ScaledShapeQuantizer", "PolyConfig", "PolyQuantizer", "BUILTIN_METHODS",
 ]

@@ -66,14 +66,19 @@ class LogConfig(QuantConfig):
         check_int("init_iters", self.init_iters, 0)
 
 
-class LogQuantizer(Quantizer):
-    """Sign times power-of-two levels plus zero, with a learnable scale per group."""
+class ScaledShapeQuantizer(Quantizer):
+    """Levels are a fixed sorted shape times a learnable scale per group (fitted by :func:`fit_scale`).
 
-    config_class = LogConfig
+    Subclasses give the shape through :meth:`level_shape`; their config needs ``init_iters``.
+    """
 
-    def __init__(self, weight: Tensor, config: LogConfig, stats: SortedGroups | None = None) -> None:
+    def level_shape(self, config: QuantConfig, device: torch.device) -> Tensor:
+        """The sorted levels for scale 1, ``(L,)`` with ``L <= 2**n_bits``."""
+        raise NotImplementedError
+
+    def __init__(self, weight: Tensor, config: QuantConfig, stats: SortedGroups | None = None) -> None:
         super().__init__(weight, config, stats)
-        self.register_buffer("shape", log_shape(config.n_bits, weight.device), persistent=False)
+        self.register_buffer("shape", self.level_shape(config, weight.device), persistent=False)
         stats = self.weight_stats(weight, stats)
         # Learn the scale in the log domain so that it stays positive.
         self.log_scale = nn.Parameter(fit_scale(stats, self.shape, config.init_iters).log())
@@ -84,3 +89,12 @@ class LogQuantizer(Quantizer):
     @torch.no_grad()
     def fit_(self, stats: SortedGroups, n_iter: int, rows: Tensor | None = None) -> None:
         self.log_scale.copy_(fit_scale(stats, self.shape, n_iter).log())
+
+
+class LogQuantizer(ScaledShapeQuantizer):
+    """Sign times power-of-two levels plus zero, with a learnable scale per group."""
+
+    config_class = LogConfig
+
+    def level_shape(self, config: LogConfig, device: torch.device) -> Tensor:
+        return log_shape(config.n_bits, device)

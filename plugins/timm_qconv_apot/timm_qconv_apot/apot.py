@@ -19,13 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from timm_qconv import QuantConfig, Quantizer
+from timm_qconv import QuantConfig
 from timm_qconv._errors import check_int
-from timm_qconv._groups import SortedGroups
 from timm_qconv.config import MAX_BITS
-from timm_qconv.methods.log import fit_scale
+from timm_qconv.methods.log import ScaledShapeQuantizer
 
 
 def apot_shape(n_bits: int, base_bits: int = 2, device: torch.device | None = None) -> Tensor:
@@ -68,20 +67,10 @@ class ApotConfig(QuantConfig):
         check_int("init_iters", self.init_iters, 0)
 
 
-class ApotQuantizer(Quantizer):
+class ApotQuantizer(ScaledShapeQuantizer):
     """Signed additive powers-of-two levels with a learnable scale per group."""
 
     config_class = ApotConfig
 
-    def __init__(self, weight: Tensor, config: ApotConfig, stats: SortedGroups | None = None) -> None:
-        super().__init__(weight, config, stats)
-        self.register_buffer("shape", apot_shape(config.n_bits, config.base_bits, weight.device), persistent=False)
-        stats = self.weight_stats(weight, stats)
-        self.log_scale = nn.Parameter(fit_scale(stats, self.shape, config.init_iters).log())
-
-    def levels(self) -> Tensor:
-        return self.log_scale.exp()[:, None] * self.shape
-
-    @torch.no_grad()
-    def fit_(self, stats: SortedGroups, n_iter: int, rows: Tensor | None = None) -> None:
-        self.log_scale.copy_(fit_scale(stats, self.shape, n_iter).log())
+    def level_shape(self, config: ApotConfig, device: torch.device) -> Tensor:
+        return apot_shape(config.n_bits, config.base_bits, device)
