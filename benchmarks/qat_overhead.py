@@ -1,11 +1,12 @@
 """Training-step overhead of quantization-aware training on timm resnet34 (CPU).
 
 Measures one step (forward, backward, SGD step) with every Conv2d quantized (hash, 2 bits, 32
-functions, "ste") against the same step in float, alternating them in one process, and prints the
-ratio of the medians, for both kernel backends (eager, compiled; see timm_qconv/_kernels.py).
-Further rows add the hash loss to the task loss.
+functions, "ste") against the same step in float, alternating the two in one process, and prints
+the ratio of the medians, for both kernel backends (eager, compiled; see timm_qconv/_kernels.py).
+Further rows add the hash loss to the task loss. Each variant is paired with float on its own, so
+that one variant's memory traffic does not slow another's steps.
 
-    python benchmarks/qat_overhead.py [--steps 15] [--batch 64]
+    python benchmarks/qat_overhead.py [--steps 15] [--batch 64] [--backends eager compiled]
 """
 from __future__ import annotations
 
@@ -44,29 +45,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--backends", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     args = parser.parse_args()
 
     torch.manual_seed(0)
     base = timm.create_model("resnet34", pretrained=False, num_classes=10)
     quant = quantize_model(copy.deepcopy(base), method="hash", n_bits=2, n_functions=32, mode="ste")
-    steps = {"float": make_step(base)}
-    for backend in ("eager", "compiled"):
-        steps[f"hash ste, {backend}"] = make_step(quant, False, backend)
-        steps[f"+ hash loss, {backend}"] = make_step(quant, True, backend)
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
-    times = {name: [] for name in steps}
-    for name, step in steps.items():  # warm-up (and compilation)
-        step(x, y)
-        step(x, y)
-    for _ in range(args.steps):
-        for name, step in steps.items():
-            times[name].append(step(x, y))
-    med = {name: statistics.median(t) for name, t in times.items()}
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}x3x32x32, {args.steps} steps each")
-    for name, value in med.items():
-        print(f"{name:>24}: median step {value * 1e3:8.1f} ms   ratio to float {value / med['float']:.3f}")
-
+    float_step = make_step(base)
+    variants = {f"{label}, {backend}": make_step(quant, with_loss, backend)
+                for backend in args.backends for label, with_loss in (("hash ste", False), ("+ hash loss", True))}
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}x3x32x32, "
+          f"{args.steps} alternating steps per pair (float, variant)")
+    for name, step in variants.items():
+        for _ in range(2):  # warm-up (and compilation)
+            float_step(x, y)
+            step(x, y)
+        base_times, times = [], []
+        for _ in range(args.steps):
+            base_times.append(float_step(x, y))
+            times.append(step(x, y))
+        ref, value = statistics.median(base_times), statistics.median(times)
+        print(f"{name:>22}: median step {value * 1e3:7.1f} ms, float {ref * 1e3:7.1f} ms, ratio {value / ref:.3f}")
 
 if __name__ == "__main__":
     main()

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import _batched
 from ._errors import check_choice, check_module, closest
 from ._registry import make_config
 from .config import QuantConfig
@@ -225,6 +226,7 @@ def quantize_model(
         module = modules[fqn]
         replacements[id(module)] = QUANT_LAYERS[type(module)].from_float(module, method=layer_config, mode=mode)
     _set_everywhere(model, replacements)
+    _batched.attach(model)
     call_hook("after_quantize", model=model, layers=list(configs))
     return model
 
@@ -253,6 +255,7 @@ def freeze_model(model: nn.Module) -> nn.Module:
         model = model.to_float()
     else:
         _set_everywhere(model, {id(m): m.to_float() for _, m in quantized_layers(model)})
+        _batched.detach(model)
     call_hook("after_freeze", model=model)
     return model
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._batched import take_prefetched
 from ._errors import check_choice
 from ._registry import config_owner, make_config
 from .config import QuantConfig
@@ -51,7 +52,8 @@ class QuantMixin:
 
     def quantized_weight(self) -> Tensor:
         """The weight as used in eval: quantized, with the straight-through gradient."""
-        return self.quantizer(self.weight, ste=True)
+        prefetched = take_prefetched(self)  # computed with all the model's layers at once, if any
+        return prefetched if prefetched is not None else self.quantizer(self.weight, ste=True)
 
     def forward_weight(self) -> Tensor:
         """The weight this forward uses: float while training in ``"float"`` mode, else quantized."""

@@ -1,0 +1,57 @@
+"""The kernel backends give the same quantized weights and gradients, per layer and batched."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from timm_qconv import quantize_model
+from timm_qconv._batched import take_prefetched
+from timm_qconv._kernels import get_backend, set_backend
+
+
+@pytest.fixture
+def compiled_backend():
+    previous = get_backend()
+    set_backend("compiled")
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def small_model() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8, padding=1),
+                         nn.ReLU(), nn.Conv2d(8, 6, 1), nn.Flatten(), nn.LazyLinear(4))
+
+
+def run(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    out = model(x)
+    out.square().sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_compiled_backend_matches_eager_forward_and_gradients(compiled_backend):
+    x = torch.randn(2, 3, 6, 6)
+    model = small_model()
+    model(x)  # materialise the lazy layer
+    model = quantize_model(model, n_bits=2, n_functions=4, layers=("conv", "linear"))
+    eager_model = copy.deepcopy(model)
+    out, grads = run(model, x)  # compiled backend: the model's pre-hook batches every layer
+    set_backend("eager")
+    ref_out, ref_grads = run(eager_model, x)
+    assert torch.equal(out, ref_out), "the batched compiled forward differs from the eager one"
+    assert grads.keys() == ref_grads.keys(), f"gradients reached {sorted(grads)} vs {sorted(ref_grads)}"
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_prefetched_weight_is_not_used_once_the_weight_changed(compiled_backend):
+    model = quantize_model(small_model()[:3], n_bits=2, n_functions=2)
+    conv = model[0]
+    conv._prefetched_weight = (torch.zeros_like(conv.weight), conv.weight, conv.weight._version)
+    with torch.no_grad():
+        conv.weight.add_(1.0)  # an optimizer step in between
+    assert take_prefetched(conv) is None, "a stale prefetched weight was handed out"
+    conv._prefetched_weight = (torch.zeros_like(conv.weight), conv.weight, conv.weight._version)
+    assert take_prefetched(conv) is not None and take_prefetched(conv) is None, "a prefetched weight must be used once"
