@@ -52,51 +52,75 @@ def lloyd(stats: SortedGroups, levels: Tensor, n_iter: int) -> Tensor:
     return levels.float()
 
 
-def exact_levels(values: Tensor, n_levels: int) -> Tensor:
-    """Optimal levels ``(L,)`` for the sorted 1-D ``values`` by dynamic programming, O(L * n**2).
+def _dp_levels(counts: Tensor, sums: Tensor, squares: Tensor, n_levels: int) -> Tensor:
+    """Optimal levels ``(B, L)`` for B rows of m sorted weighted points, by dynamic programming.
 
-    ``best[e]`` is the least error of splitting ``values[:e]`` into the clusters placed so far; a
-    cluster over ``values[j:e]`` costs its squared deviation from its mean, from prefix sums.
+    Each point has a count, a sum and a sum of squares ``(B, m)``. ``best[:, e]`` is the least error
+    of splitting the first ``e`` points into the clusters placed so far; a cluster over points
+    ``j..e-1`` costs its squared deviation from its mean. O(L * m**2) per row, rows batched.
     """
-    x = values.double()
-    n = x.numel()
-    c1 = torch.cat([x.new_zeros(1), x.cumsum(0)])
-    c2 = torch.cat([x.new_zeros(1), (x * x).cumsum(0)])
-    idx = torch.arange(n + 1, device=x.device)
-    j, e = idx[:, None], idx[None, :]
-    cost = (c2[e] - c2[j]) - (c1[e] - c1[j]) ** 2 / (e - j).clamp_min(1)
-    cost = torch.where(e > j, cost.clamp_min(0), torch.full_like(cost, float("inf")))
-    best, starts = cost[0], []
-    for _ in range(min(n_levels, n) - 1):
-        total = best[:, None] + cost  # (j, e): clusters so far end at j, the next covers [j, e)
-        value, arg = total.min(0)
+    rows, m = counts.shape
+    zero = counts.new_zeros(rows, 1, dtype=torch.float64)
+    c0, c1, c2 = (torch.cat([zero, t.double().cumsum(1)], 1) for t in (counts, sums, squares))
+    j = torch.arange(m + 1, device=counts.device)
+    size = c0[:, None, :] - c0[:, :, None]  # (B, j, e)
+    cost = (c2[:, None, :] - c2[:, :, None]) - (c1[:, None, :] - c1[:, :, None]) ** 2 / size.clamp_min(1e-300)
+    cost = torch.where((j[None, :, None] < j[None, None, :]) & (size > 0), cost.clamp_min(0), torch.inf)
+    best, starts = cost[:, 0], []
+    for _ in range(min(n_levels, m) - 1):
+        value, arg = (best[:, :, None] + cost).min(1)  # the next cluster is [j, e)
         keep = best <= value  # one cluster fewer is already as good
-        starts.append(torch.where(keep, torch.full_like(arg, -1), arg))
+        starts.append(torch.where(keep, -1, arg))
         best = torch.where(keep, best, value)
-    bounds, end = [n], n
-    for arg in reversed(starts):  # backtrack the cluster starts
-        if int(arg[end]) >= 0:
-            end = int(arg[end])
-            bounds.append(end)
-    bounds = torch.tensor([0, *reversed(bounds)], device=x.device).unique_consecutive()
-    sums, counts = c1[bounds[1:]] - c1[bounds[:-1]], (bounds[1:] - bounds[:-1]).double()
-    levels = sums / counts
-    pad = levels[-1:].expand(n_levels - levels.numel())  # fewer distinct values than levels
-    return torch.cat([levels, pad]).float()
+    end = torch.full((rows,), m, device=counts.device)
+    bounds = [end]
+    for arg in reversed(starts):  # backtrack the cluster starts; -1: no new cluster here
+        start = arg.gather(1, end[:, None]).squeeze(1)
+        end = torch.where(start >= 0, start, end)
+        bounds.append(end)
+    bounds.append(torch.zeros_like(end))
+    edges = torch.stack(bounds[::-1], 1)  # (B, k + 1), ascending; repeated edges = empty clusters
+    n = c0.gather(1, edges).diff(dim=1)
+    levels = torch.where(n > 0, c1.gather(1, edges).diff(dim=1) / n.clamp_min(1e-300), torch.inf)
+    levels = torch.sort(levels, dim=1).values
+    top = torch.where(torch.isinf(levels), -torch.inf, levels).amax(1, keepdim=True)
+    levels = torch.where(torch.isinf(levels), top, levels)  # empty clusters repeat the top level
+    pad = top.expand(rows, n_levels - levels.shape[1])  # fewer points than levels
+    return torch.cat([levels, pad], 1).float()
+
+
+def exact_levels(values: Tensor, n_levels: int) -> Tensor:
+    """The exact 1-D k-means levels ``(L,)`` of the sorted ``values``, by dynamic programming."""
+    x = values.double()[None]
+    return _dp_levels(torch.ones_like(x), x, x * x, n_levels)[0]
+
+
+def coarse_exact_init(stats: SortedGroups, n_levels: int, bins: int) -> Tensor:
+    """Start levels ``(G, L)``: the exact optimum of each group summarised as ``bins`` runs of
+    equally many sorted weights. Lloyd from there avoids the local optima that a density-based
+    start falls into on groups of a few thousand weights."""
+    frac = torch.linspace(0, 1, bins + 1, device=stats.sorted.device, dtype=torch.float64)
+    edges = (frac[None, :] * stats.counts[:, None]).round().long()  # (G, bins + 1)
+    n, s1, s2 = (t.diff(dim=1) for t in (edges.double(), stats.cum1.gather(1, edges), stats.cum2.gather(1, edges)))
+    return _dp_levels(n, s1, s2, n_levels)
 
 
 def refine_small_groups(stats: SortedGroups, levels: Tensor, budget: int = 2**22) -> Tensor:
-    """Replace Lloyd's levels by the exact optimum in groups small enough for :func:`exact_levels`.
+    """Replace Lloyd's levels by the exact optimum in groups small enough for the exact program.
 
     Lloyd's fixed points on a few hundred weights can be 20% worse than the optimum; on large
     groups they are close to it, and the exact solution would cost too much.
     """
     n_levels = levels.shape[1]
     out = levels.clone()
-    for g in range(stats.n_groups):
-        n = int(stats.counts[g])
-        if n * n * n_levels <= budget:
-            out[g] = exact_levels(stats.sorted[g, :n], n_levels)
+    for n in stats.counts.unique().tolist():  # groups of one size are solved together
+        if n * n * n_levels > budget:
+            continue
+        rows = (stats.counts == n).nonzero().squeeze(1)
+        chunk = max(1, 2**23 // (n + 1) ** 2)  # bounds the (rows, n+1, n+1) cost tensor to 64 MB
+        for part in rows.split(chunk):
+            x = stats.sorted[part, :n].double()
+            out[part] = _dp_levels(torch.ones_like(x), x, x * x, n_levels)
     return out
 
 
@@ -131,5 +155,10 @@ class KMeansQuantizer(Quantizer):
 
     @torch.no_grad()
     def fit_(self, stats: SortedGroups, n_iter: int, rows: Tensor | None = None) -> None:
-        levels = lloyd(stats, density_init(stats, self.config.n_levels), n_iter)
+        n_levels = self.config.n_levels
+        levels = lloyd(stats, density_init(stats, n_levels), n_iter)
+        if n_levels <= 16:  # where Lloyd's local optima cost the most, and the coarse program is cheap
+            other = lloyd(stats, coarse_exact_init(stats, n_levels, 8 * n_levels), n_iter)
+            better = stats.nearest_error(other) < stats.nearest_error(levels)
+            levels = torch.where(better[:, None], other, levels)
         self.table.copy_(refine_small_groups(stats, levels))
