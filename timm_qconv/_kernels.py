@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ._errors import check_choice
+from ._groups import midpoints
 
 BACKENDS = ("eager", "compiled")
 MAX_COMPILED_LEVELS = 16
@@ -82,7 +83,7 @@ class _NearestLookup(torch.autograd.Function):
         if ctx.compiled:
             ctx.save_for_backward(table, rows)
             return _compiled(table.shape[1])[0](rows, table)
-        codes = torch.searchsorted(_midpoints(table), rows)
+        codes = torch.searchsorted(midpoints(table).contiguous(), rows)
         ctx.save_for_backward(table, codes)
         return table.gather(1, codes)
 
@@ -126,10 +127,6 @@ def scale_grad(x: Tensor, factor: float) -> Tensor:
     return x.detach() + (x - x.detach()) * factor
 
 
-def _midpoints(table: Tensor) -> Tensor:
-    return ((table[:, 1:] + table[:, :-1]) * 0.5).contiguous()
-
-
 def nearest_lookup(table: Tensor, rows: Tensor, ste: bool = False) -> Tensor:
     """Round each weight of ``rows`` (C, K) to the nearest level of its row of ``table`` (C, L, sorted).
 
@@ -140,5 +137,5 @@ def nearest_lookup(table: Tensor, rows: Tensor, ste: bool = False) -> Tensor:
     table = table.contiguous()
     needs_grad = torch.is_grad_enabled() and (table.requires_grad or (ste and rows.requires_grad))
     if not needs_grad and not _use_compiled(table):
-        return table.gather(1, torch.searchsorted(_midpoints(table), rows))
+        return table.gather(1, torch.searchsorted(midpoints(table).contiguous(), rows))
     return _NearestLookup.apply(table, rows, ste)
