@@ -254,10 +254,13 @@ def main(cfg: Config) -> None:
     frozen = qat.on_train_end()  # QAT: plain Conv2d layers holding the quantized weights
     accelerator.wait_for_everyone()
     accelerator.save_model(frozen, cfg.output_dir)  # model.safetensors, loads without timm_qconv
-    if accelerator.is_main_process:
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+    if accelerator.is_main_process:  # atomically: a temporary file, then a rename
+        path = os.path.join(cfg.output_dir, "config.json")
+        with open(path + ".tmp", "w") as f:
             json.dump(asdict(cfg), f, indent=1)
+        os.replace(path + ".tmp", path)
     qat.print(f"saved {cfg.output_dir}/model.safetensors and the last checkpoint in {checkpoint}")
+    accelerator.end_training()  # every process leaves the process group together
 
 
 if __name__ == "__main__":

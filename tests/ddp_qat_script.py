@@ -77,6 +77,9 @@ def main() -> None:
     if dist.get_rank() == 0:
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump({"world_size": dist.get_world_size(), "backend": dist.get_backend(), "methods": result}, f)
+    # Leave together: a rank that exits while the other still holds gloo connections can abort.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
