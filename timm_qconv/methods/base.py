@@ -7,8 +7,8 @@ implement :meth:`levels` and, where the nearest-level rule does not apply, :meth
 Contract used by the layers, the post-training fit and export:
 
 * ``forward(weight)`` returns the quantized weight, differentiable with respect to the quantizer's
-  parameters but not the weight (rounding has zero derivative; the layers add the straight-through
-  gradient themselves).
+  parameters but not the weight (rounding has zero derivative); ``forward(weight, ste=True)`` also
+  passes the gradient straight through to the weight, which is what the layers use.
 * ``encode(rows)`` returns integer codes and ``levels()[group, code]`` is the quantized value, so
   ``decode(encode(rows))`` equals ``forward`` in eval mode bit for bit.
 * ``fit_(stats, n_iter)`` fits the state to a layer's weights after training. The default
