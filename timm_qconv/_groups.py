@@ -70,11 +70,6 @@ class SortedGroups:
         """Root mean square of each group's weights, (G,)."""
         return (self.total_sq / self.counts.clamp_min(1)).sqrt().float()
 
-    def quantiles(self, q: Tensor) -> Tensor:
-        """Empirical quantiles ``q`` (values in [0, 1], shape (P,)) of each group -> (G, P)."""
-        pos = (q[None, :].double() * (self.counts[:, None] - 1)).round().long()
-        return self.sorted.gather(1, pos.clamp_min(0))
-
     def cell_stats(self, thresholds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Count, sum and sum of squares of the weights in each cell cut by sorted ``thresholds``.
 

@@ -83,7 +83,7 @@ class _NearestLookup(torch.autograd.Function):
         if ctx.compiled:
             ctx.save_for_backward(table, rows)
             return _compiled(table.shape[1])[0](rows, table)
-        codes = torch.searchsorted(midpoints(table).contiguous(), rows)
+        codes = nearest_codes(table, rows)
         ctx.save_for_backward(table, codes)
         return table.gather(1, codes)
 
@@ -127,6 +127,12 @@ def scale_grad(x: Tensor, factor: float) -> Tensor:
     return x.detach() + (x - x.detach()) * factor
 
 
+def nearest_codes(table: Tensor, rows: Tensor) -> Tensor:
+    """Index of the nearest level for every weight: binary search among the midpoints of the
+    sorted per-channel ``table`` (C, L). Costs O(N log L), never an (N x L) distance matrix."""
+    return torch.searchsorted(midpoints(table).contiguous(), rows.detach().float().contiguous())
+
+
 def nearest_lookup(table: Tensor, rows: Tensor, ste: bool = False) -> Tensor:
     """Round each weight of ``rows`` (C, K) to the nearest level of its row of ``table`` (C, L, sorted).
 
@@ -137,5 +143,5 @@ def nearest_lookup(table: Tensor, rows: Tensor, ste: bool = False) -> Tensor:
     table = table.contiguous()
     needs_grad = torch.is_grad_enabled() and (table.requires_grad or (ste and rows.requires_grad))
     if not needs_grad and not _use_compiled(table):
-        return table.gather(1, torch.searchsorted(midpoints(table).contiguous(), rows))
+        return table.gather(1, nearest_codes(table, rows))
     return _NearestLookup.apply(table, rows, ste)

@@ -82,7 +82,7 @@ class QuantMixin:
 
     def to_float(self) -> nn.Module:
         """A plain ``nn`` layer holding the quantized weight (no timm_qconv needed to run or load it)."""
-        plain = self._float_class(**self._float_kwargs(), device="meta", dtype=self.weight.dtype)
+        plain = self._float_class(**_float_kwargs_of(self), device="meta", dtype=self.weight.dtype)
         plain.weight = nn.Parameter(self.eval_quantized_weight(), requires_grad=self.weight.requires_grad)
         plain.bias = self.bias
         plain.train(self.training)
@@ -108,9 +108,6 @@ class QuantMixin:
         layer.reset_quantizer()
         layer.train(module.training)
         return layer
-
-    def _float_kwargs(self) -> dict[str, Any]:
-        return _float_kwargs_of(self)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, method={config_owner(self.quant_config).name}, n_bits={self.quant_config.n_bits}, mode={self.mode}"

@@ -16,20 +16,14 @@ Contract used by the layers, the post-training fit and export:
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .._groups import SortedGroups, as_rows, group_index, midpoints
-from .._kernels import nearest_lookup, scale_grad, straight_through
+from .._groups import SortedGroups, as_rows, group_index
+from .._kernels import nearest_codes, nearest_lookup, scale_grad, straight_through
 from ..config import QuantConfig
-
-
-def nearest_codes(table: Tensor, rows: Tensor) -> Tensor:
-    """Index of the nearest level for every weight: binary search among the midpoints of the
-    sorted per-channel ``table`` (C, L). Costs O(N log L), never an (N x L) distance matrix."""
-    return torch.searchsorted(midpoints(table).contiguous(), rows.detach().float().contiguous())
 
 
 class Quantizer(nn.Module):
@@ -139,8 +133,3 @@ class Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n_bits={self.config.n_bits}, groups={self.n_groups}"
-
-    @classmethod
-    def options(cls) -> dict[str, Any]:
-        """Default options of this method (its config's fields)."""
-        return cls.config_class().to_dict()
