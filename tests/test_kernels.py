@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from timm_qconv import quantize_model
-from timm_qconv._batched import take_prefetched
+from timm_qconv import QuantConv2d, QuantLinear, quantize_model
+from timm_qconv._batched import _plan, attach, take_prefetched
 from timm_qconv._kernels import get_backend, set_backend
 
 
@@ -31,11 +31,28 @@ def run(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torc
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_compiled_backend_matches_eager_forward_and_gradients(compiled_backend):
-    x = torch.randn(2, 3, 6, 6)
+def mixed_model() -> nn.Module:
+    """Layers of several methods and widths: the batched path groups them by quantizer class and bits."""
+    model = nn.Sequential(QuantConv2d(3, 8, 3, padding=1, method="hash", n_bits=2, n_functions=4), nn.ReLU(),
+                          QuantConv2d(8, 8, 3, groups=8, padding=1, method="kmeans", n_bits=3, n_functions=2),
+                          QuantConv2d(8, 8, 1, method="log", n_bits=2, n_functions=3), nn.ReLU(),
+                          QuantConv2d(8, 6, 1, method="hash", n_bits=3, n_functions=5),
+                          QuantConv2d(6, 6, 1, method="hash", n_bits=2, n_functions=1), nn.Flatten(),
+                          QuantLinear(216, 4, method="linear", n_bits=2))  # not nearest: computes its own weight
+    attach(model)
+    return model
+
+
+def quantized_small_model() -> nn.Module:
     model = small_model()
-    model(x)  # materialise the lazy layer
-    model = quantize_model(model, n_bits=2, n_functions=4, layers=("conv", "linear"))
+    model(torch.randn(1, 3, 6, 6))  # materialise the lazy layer
+    return quantize_model(model, n_bits=2, n_functions=4, layers=("conv", "linear"))
+
+
+@pytest.mark.parametrize("make_model", [quantized_small_model, mixed_model])
+def test_compiled_backend_matches_eager_forward_and_gradients(compiled_backend, make_model):
+    x = torch.randn(2, 3, 6, 6)
+    model = make_model()
     eager_model = copy.deepcopy(model)
     out, grads = run(model, x)  # compiled backend: the model's pre-hook batches every layer
     set_backend("eager")
@@ -55,3 +72,11 @@ def test_prefetched_weight_is_not_used_once_the_weight_changed(compiled_backend)
     assert take_prefetched(conv) is None, "a stale prefetched weight was handed out"
     conv._prefetched_weight = (torch.zeros_like(conv.weight), conv.weight, conv.weight._version)
     assert take_prefetched(conv) is not None and take_prefetched(conv) is None, "a prefetched weight must be used once"
+
+
+def test_batches_group_layers_by_quantizer_class_and_bits():
+    batches = _plan(mixed_model())
+    kinds = sorted((type(b.layers[0].quantizer).__name__, b.layers[0].quant_config.n_bits, len(b.layers)) for b in batches)
+    assert kinds == [("HashQuantizer", 2, 2), ("HashQuantizer", 3, 1), ("KMeansQuantizer", 3, 1), ("LogQuantizer", 2, 1)], kinds
+    hash2 = next(b for b in batches if len(b.layers) == 2)
+    assert hash2.row_group.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4, 4, 4, 4], "channels of the second layer follow the first's groups"

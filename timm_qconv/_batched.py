@@ -1,58 +1,85 @@
 """One fused call for all of a model's quantized weights, in a training forward (compiled backend).
 
-Per layer, recomputing the quantized weight costs a handful of small framework calls on top of
-the fused kernel; across a ResNet's 36 convs that fixed cost is as large as the kernels
-themselves. With the ``"compiled"`` backend, :func:`attach` gives the model a forward pre-hook
-that quantizes every eligible layer's weight in one compiled call (and one backward), and hands
-each layer its result; a layer whose weight changed since, or that runs outside the model's own
-forward, computes its weight itself as before. Results never outlive the forward that made them.
+Per layer, recomputing the quantized weight costs a handful of small framework calls (the levels
+from the quantizer's parameters, the per-channel table, the gradient scale) on top of the fused
+kernel, and as many autograd nodes in the backward; across a ResNet's 36 convs that fixed cost
+is as large as the kernels themselves. With the ``"compiled"`` backend, :func:`attach` gives the
+model a forward pre-hook that, per quantizer class and bit width, computes all layers' levels in
+one call (:meth:`Quantizer.batched_levels`) and all their quantized weights in one compiled call,
+with one compiled backward; each layer takes its result. A layer whose weight changed since, or
+that runs outside the model's own forward, computes its weight itself as before. Results never
+outlive the forward that made them.
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from ._groups import as_rows
-from ._kernels import MAX_COMPILED_LEVELS, _fused_backward, _fused_forward, get_backend, scale_grad
+from ._kernels import MAX_COMPILED_LEVELS, _fused_backward, _fused_forward, get_backend
 
 _HANDLES = "_timm_qconv_batch_hooks"
+_PLAN = "_timm_qconv_batch_plan"
 
 
-def _forward_all(rows: list[Tensor], tables: list[Tensor]) -> list[Tensor]:
-    return [_fused_forward(r, t) for r, t in zip(rows, tables)]
+def _as_rows(weights: list[Tensor], levels: Tensor, row_group: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Each weight as float32 rows ``(C, K)``, with its per-channel level table ``(C, L)``."""
+    tables = levels[row_group].split([w.shape[0] for w in weights])
+    return [(w.flatten(1).float(), table) for w, table in zip(weights, tables)]
 
 
-def _backward_all(rows: list[Tensor], tables: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-    return [_fused_backward(r, t, g) for r, t, g in zip(rows, tables, grads)]
+def _forward_all(weights: list[Tensor], levels: Tensor, row_group: Tensor) -> list[Tensor]:
+    return [_fused_forward(rows, table).to(w.dtype).view_as(w)
+            for w, (rows, table) in zip(weights, _as_rows(weights, levels, row_group))]
+
+
+def _backward_all(weights: list[Tensor], levels: Tensor, row_group: Tensor, scale: Tensor,
+                  grads: list[Tensor]) -> Tensor:
+    """Gradient of the stacked levels ``(G, L)``: per channel, then summed per group and scaled."""
+    per_channel = torch.cat([_fused_backward(rows, table, g.flatten(1).float())
+                             for g, (rows, table) in zip(grads, _as_rows(weights, levels, row_group))])
+    return torch.zeros_like(levels).index_add_(0, row_group, per_channel) * scale[:, None]
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_all() -> tuple[Callable[..., list[Tensor]], Callable[..., list[Tensor]]]:
-    return torch.compile(_forward_all, dynamic=True), torch.compile(_backward_all, dynamic=True)
+def _compiled_all() -> tuple[Callable[..., list[Tensor]], Callable[..., Tensor]]:
+    # Specialised to the model's shapes on the first call (constant loop bounds vectorise best).
+    return torch.compile(_forward_all), torch.compile(_backward_all)
 
 
 class _LookupAll(torch.autograd.Function):
-    """Nearest-level lookup of many weight matrices; straight-through gradient to the weights."""
+    """Nearest-level lookup of many weights against stacked per-group levels ``(G, L)``.
+
+    ``row_group[c]`` is the row of ``levels`` that channel ``c`` (counted across all the weights)
+    uses, ``scale[g]`` the factor on group ``g``'s gradient; the weights get theirs straight through.
+    """
 
     @staticmethod
-    def forward(ctx: Any, n: int, *tensors: Tensor) -> tuple[Tensor, ...]:
-        ctx.n = n
-        ctx.save_for_backward(*tensors)
-        return tuple(_compiled_all()[0](list(tensors[n:]), list(tensors[:n])))
+    def forward(ctx: Any, levels: Tensor, row_group: Tensor, scale: Tensor, *weights: Tensor) -> tuple[Tensor, ...]:
+        ctx.save_for_backward(levels, row_group, scale, *weights)
+        return tuple(_compiled_all()[0](list(weights), levels, row_group))
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        saved = ctx.saved_tensors
-        tables, rows = list(saved[: ctx.n]), list(saved[ctx.n :])
-        grad_tables = [None] * ctx.n
-        if any(ctx.needs_input_grad[1 : 1 + ctx.n]):  # levels frozen: nothing to reduce
-            dense = [g.contiguous() if g is not None else torch.zeros_like(r) for g, r in zip(grads, rows)]
-            grad_tables = _compiled_all()[1](rows, tables, dense)
+        levels, row_group, scale, *weights = ctx.saved_tensors
+        grad_levels = None
+        if ctx.needs_input_grad[0]:  # levels frozen: nothing to reduce
+            dense = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, weights)]
+            grad_levels = _compiled_all()[1](weights, levels, row_group, scale, dense)
         # The weights' gradients are the incoming ones, not copies, so .grad takes them as they are.
-        return (None, *grad_tables, *grads)
+        return (grad_levels, None, None, *grads)
+
+
+@dataclass
+class _Batch:
+    """Layers quantized together: same quantizer class and bit width."""
+
+    layers: list[nn.Module]
+    row_group: Tensor  # (channels of all layers,) row of the stacked levels for each channel
+    scale: Tensor  # (groups of all layers,) gradient factor of each group
 
 
 def _eligible(module: nn.Module) -> list[nn.Module]:
@@ -63,21 +90,51 @@ def _eligible(module: nn.Module) -> list[nn.Module]:
             and m.quant_config.n_levels <= MAX_COMPILED_LEVELS]
 
 
+def _make_batch(layers: list[nn.Module]) -> _Batch:
+    row_group, scale, offset = [], [], 0
+    for layer in layers:
+        quantizer = layer.quantizer
+        row_group.append(quantizer.group_index + offset)
+        scale.append(torch.full((quantizer.n_groups,), quantizer.grad_scale(layer.weight)))
+        offset += quantizer.n_groups
+    b = _Batch(layers, torch.cat(row_group), torch.cat(scale).to(row_group[0].device))
+    b.row_scale = b.scale[b.row_group]
+    return b
+
+
+def _plan(model: nn.Module) -> list[_Batch]:
+    """The model's batches, rebuilt only when its quantized layers, quantizers or devices change."""
+    layers = _eligible(model)
+    key = [(layer, layer.quantizer, layer.weight.shape, layer.weight.device) for layer in layers]
+    cached = model.__dict__.get(_PLAN)
+    if cached is not None and len(cached[0]) == len(key) and all(
+            a[0] is b[0] and a[1] is b[1] and a[2:] == b[2:] for a, b in zip(cached[0], key)):
+        return cached[1]
+    by_kind: dict[tuple, list[nn.Module]] = {}
+    for layer in layers:
+        by_kind.setdefault((type(layer.quantizer), layer.quant_config.n_bits), []).append(layer)
+    batches = [_make_batch(group) for group in by_kind.values()]
+    model.__dict__[_PLAN] = (key, batches)
+    return batches
+
+
 def _prefetch(model: nn.Module, args: Any) -> None:
     if get_backend() != "compiled" or not model.training or not torch.is_grad_enabled():
         return
-    layers = _eligible(model)
-    if not layers:
-        return
-    rows, tables = [], []
-    for layer in layers:
-        r = as_rows(layer.weight).float()
-        quantizer = layer.quantizer
-        rows.append(r.contiguous())
-        tables.append(scale_grad(quantizer.levels()[quantizer.group_index], quantizer.grad_scale(r)).contiguous())
-    quantized = _LookupAll.apply(len(layers), *tables, *rows)
-    for layer, q in zip(layers, quantized):
-        layer._prefetched_weight = (q.view(layer.weight.shape).to(layer.weight.dtype), layer.weight, layer.weight._version)
+    for batch in _plan(model):
+        quantizers = [layer.quantizer for layer in batch.layers]
+        levels = type(quantizers[0]).batched_levels(quantizers)
+        weights = [layer.weight for layer in batch.layers]
+        import os
+        if os.environ.get("EXP_PERLAYER"):
+            from ._kernels import scale_grad, _NearestLookup
+            table = levels[batch.row_group]
+            table = table.detach() + (table - table.detach()) * batch.row_scale[:, None]
+            for layer, t in zip(batch.layers, torch.split(table, [l.weight.shape[0] for l in batch.layers])):
+                layer._prefetched_weight = (_NearestLookup.apply(t, layer.weight.flatten(1), True).view_as(layer.weight), layer.weight, layer.weight._version)
+            return
+        for layer, q in zip(batch.layers, _LookupAll.apply(levels, batch.row_group, batch.scale, *weights)):
+            layer._prefetched_weight = (q, layer.weight, layer.weight._version)
 
 
 def _discard(model: nn.Module, args: Any, output: Any) -> None:
@@ -104,3 +161,4 @@ def detach(model: nn.Module) -> None:
     """Remove the hooks of :func:`attach`."""
     for handle in model.__dict__.pop(_HANDLES, ()):
         handle.remove()
+    model.__dict__.pop(_PLAN, None)

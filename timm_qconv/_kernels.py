@@ -67,8 +67,8 @@ def _fused_backward(rows: Tensor, table: Tensor, grad: Tensor) -> Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _compiled(n_levels: int) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
-    # One compiled pair per level count; shapes are dynamic so every layer shares it.
-    return (torch.compile(_fused_forward, dynamic=True), torch.compile(_fused_backward, dynamic=True))
+    # One compiled pair per level count: specialised to the first shape, dynamic once a second comes.
+    return torch.compile(_fused_forward), torch.compile(_fused_backward)
 
 
 def _use_compiled(table: Tensor) -> bool:

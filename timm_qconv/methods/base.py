@@ -63,6 +63,15 @@ class Quantizer(nn.Module):
         """
         raise NotImplementedError
 
+    @classmethod
+    def batched_levels(cls, quantizers: list["Quantizer"]) -> Tensor:
+        """The :meth:`levels` of several quantizers of this class and bit width, stacked ``(sum G, L)``.
+
+        Quantization-aware training with the compiled kernels calls this once per step for all
+        of a model's layers; override it where one call can compute them all at once.
+        """
+        return torch.cat([q.levels() for q in quantizers])
+
     def encode(self, rows: Tensor) -> Tensor:
         """Integer code of every weight of the ``(C, K)`` matrix ``rows`` -> ``(C, K)`` int64."""
         return nearest_codes(self.levels().detach()[self.group_index], rows)

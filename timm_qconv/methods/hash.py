@@ -159,6 +159,11 @@ class HashQuantizer(Quantizer):
     def levels(self) -> Tensor:
         return torch.sort(self.basis @ self.signs.T, dim=1).values
 
+    @classmethod
+    def batched_levels(cls, quantizers: list[Quantizer]) -> Tensor:
+        basis = torch.cat([q.basis for q in quantizers])  # one product and one sort for all layers
+        return torch.sort(basis @ quantizers[0].signs.T, dim=1).values
+
     @torch.no_grad()
     def fit_(self, stats: SortedGroups, n_iter: int, rows: Tensor | None = None) -> None:
         self.basis.copy_(fit_basis(stats, self.config.n_bits, n_iter))
