@@ -26,20 +26,42 @@ from timm_qconv import hash_loss, quantize_model
 from timm_qconv._kernels import set_backend
 
 
+class _CopyReadBack(torch.autograd.Function):
+    """Forward: a copy. Backward: the gradient unchanged, after one read of the weight and the
+    gradient together (a dot product): the least a gradient reduced per level must cost."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return weight.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (weight,) = ctx.saved_tensors
+        torch.dot(weight.flatten(), grad.flatten())
+        return grad
+
+
 class _Copy(nn.Module):
     """The cheapest per-step weight transform: a copy (gradient passes unchanged)."""
 
+    def __init__(self, read_back: bool = False) -> None:
+        super().__init__()
+        self.read_back = read_back
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.clone()
+        return _CopyReadBack.apply(weight) if self.read_back else weight.clone()
 
 
-def copy_model(model: nn.Module) -> nn.Module:
+def copy_model(model: nn.Module, read_back: bool = False) -> nn.Module:
     """``model`` whose every Conv2d uses a fresh copy of its weight at each step: the floor of any
-    method that recomputes the weights each step (as QAT must), whatever its maths."""
+    method that recomputes the weights each step (as QAT must), whatever its maths. With
+    ``read_back``, the backward also reads each weight and its gradient once, as learning the
+    levels from the task loss must (each level's gradient sums those of the weights it holds)."""
     model = copy.deepcopy(model)
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
-            parametrize.register_parametrization(module, "weight", _Copy())
+            parametrize.register_parametrization(module, "weight", _Copy(read_back))
     return model
 
 
@@ -74,7 +96,8 @@ def main() -> None:
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
     float_step = make_step(base)
-    variants = {"floor: weight copy": make_step(copy_model(base))}
+    variants = {"floor: weight copy": make_step(copy_model(base)),
+                "floor + read back": make_step(copy_model(base, read_back=True))}
     variants.update({f"{label}, {backend}": make_step(quant, with_loss, backend)
                      for backend in args.backends for label, with_loss in (("hash ste", False), ("+ hash loss", True))})
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}x3x32x32, "

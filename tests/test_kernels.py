@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from timm_qconv import QuantConv2d, QuantLinear, quantize_model
+from timm_qconv import QuantConv2d, QuantLinear, hash_loss, quantize_model
 from timm_qconv._batched import _plan, attach, take_prefetched
 from timm_qconv._kernels import get_backend, set_backend
 
@@ -37,6 +37,7 @@ def mixed_model() -> nn.Module:
                           QuantConv2d(8, 8, 3, groups=8, padding=1, method="kmeans", n_bits=3, n_functions=2),
                           QuantConv2d(8, 8, 1, method="log", n_bits=2, n_functions=3), nn.ReLU(),
                           QuantConv2d(8, 6, 1, method="hash", n_bits=3, n_functions=5),
+                          QuantConv2d(6, 6, 1, method="hash", n_bits=2, n_functions=2, mode="float"),
                           QuantConv2d(6, 6, 1, method="hash", n_bits=2, n_functions=1), nn.Flatten(),
                           QuantLinear(216, 4, method="linear", n_bits=2))  # not nearest: computes its own weight
     attach(model)
@@ -77,6 +78,28 @@ def test_prefetched_weight_is_not_used_once_the_weight_changed(compiled_backend)
 def test_batches_group_layers_by_quantizer_class_and_bits():
     batches = _plan(mixed_model())
     kinds = sorted((type(b.layers[0].quantizer).__name__, b.layers[0].quant_config.n_bits, len(b.layers)) for b in batches)
-    assert kinds == [("HashQuantizer", 2, 2), ("HashQuantizer", 3, 1), ("KMeansQuantizer", 3, 1), ("LogQuantizer", 2, 1)], kinds
+    assert kinds == [("HashQuantizer", 2, 1), ("HashQuantizer", 2, 2), ("HashQuantizer", 3, 1),
+                     ("KMeansQuantizer", 3, 1), ("LogQuantizer", 2, 1)], kinds  # the "float"-mode layer apart
     hash2 = next(b for b in batches if len(b.layers) == 2)
     assert hash2.row_group.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4, 4, 4, 4], "channels of the second layer follow the first's groups"
+
+
+@pytest.mark.parametrize("make_model", [quantized_small_model, mixed_model])
+def test_compiled_hash_loss_matches_eager_value_and_gradients(compiled_backend, make_model):
+    model = make_model()
+    with torch.no_grad():  # off the fitted optimum, where the levels' gradient would be ~0
+        for name, p in model.named_parameters():
+            if ".quantizer." in name:
+                p.mul_(1.25)
+    eager_model = copy.deepcopy(model)
+    loss = hash_loss(model)  # the covered layers in one pass over the weights
+    loss.backward()
+    set_backend("eager")
+    ref = hash_loss(eager_model)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0.0)
+    for (name, p), (_, ref_p) in zip(model.named_parameters(), eager_model.named_parameters()):
+        assert (p.grad is None) == (ref_p.grad is None), f"{name}: gradient presence differs"
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, ref_p.grad, rtol=1e-4, atol=1e-4 * float(ref_p.grad.abs().max()),
+                                       msg=lambda m, n=name: f"{n}: {m}")

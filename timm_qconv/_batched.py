@@ -9,6 +9,10 @@ one call (:meth:`Quantizer.batched_levels`) and all their quantized weights in o
 with one compiled backward; each layer takes its result. A layer whose weight changed since, or
 that runs outside the model's own forward, computes its weight itself as before. Results never
 outlive the forward that made them.
+
+:func:`hash_loss` does the same for the hash loss: one pass over all the weights gathers each
+level's weight count, weight sum and squared error, from which the loss and its gradient in the
+levels follow in closed form.
 """
 from __future__ import annotations
 
@@ -44,10 +48,20 @@ def _backward_all(weights: list[Tensor], levels: Tensor, row_group: Tensor, scal
     return torch.zeros_like(levels).index_add_(0, row_group, per_channel) * scale[:, None]
 
 
+def _error_stats_all(weights: list[Tensor], levels: Tensor, row_group: Tensor) -> Tensor:
+    """Per group ``(G, 2L + 1)``: the count and the sum of the weights that take each level, and
+    the squared quantization error, from one pass over the weights."""
+    per_channel = torch.cat([
+        torch.cat([_fused_backward(rows, table, torch.ones_like(rows)), _fused_backward(rows, table, rows),
+                   (_fused_forward(rows, table) - rows).square().sum(1, keepdim=True)], 1)
+        for rows, table in _as_rows(weights, levels, row_group)])
+    return levels.new_zeros(levels.shape[0], per_channel.shape[1]).index_add_(0, row_group, per_channel)
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled_all() -> tuple[Callable[..., list[Tensor]], Callable[..., Tensor]]:
+def _compiled_all() -> tuple[Callable[..., list[Tensor]], Callable[..., Tensor], Callable[..., Tensor]]:
     # Specialised to the model's shapes on the first call (constant loop bounds vectorise best).
-    return torch.compile(_forward_all), torch.compile(_backward_all)
+    return torch.compile(_forward_all), torch.compile(_backward_all), torch.compile(_error_stats_all)
 
 
 class _LookupAll(torch.autograd.Function):
@@ -75,44 +89,53 @@ class _LookupAll(torch.autograd.Function):
 
 @dataclass
 class _Batch:
-    """Layers quantized together: same quantizer class and bit width."""
+    """Layers quantized together: same quantizer class, bit width and mode."""
 
     layers: list[nn.Module]
     row_group: Tensor  # (channels of all layers,) row of the stacked levels for each channel
-    scale: Tensor  # (groups of all layers,) gradient factor of each group
+    scale: Tensor  # (groups of all layers,) factor on each group's gradient from the task loss
+    inv_numel: Tensor  # (groups of all layers,) 1 / weights in the group's layer (hash loss is a mean)
+
+    @property
+    def ste(self) -> bool:
+        return self.layers[0].mode == "ste"
+
+    def levels(self) -> Tensor:
+        quantizers = [layer.quantizer for layer in self.layers]
+        return type(quantizers[0]).batched_levels(quantizers)
 
 
 def _eligible(module: nn.Module) -> list[nn.Module]:
     from .layers import QuantMixin
 
     return [m for m in module.modules()
-            if isinstance(m, QuantMixin) and m.mode == "ste" and m.quantizer is not None and m.quantizer.nearest
+            if isinstance(m, QuantMixin) and m.quantizer is not None and m.quantizer.nearest
             and m.quant_config.n_levels <= MAX_COMPILED_LEVELS]
 
 
 def _make_batch(layers: list[nn.Module]) -> _Batch:
-    row_group, scale, offset = [], [], 0
+    row_group, scale, inv_numel, offset = [], [], [], 0
     for layer in layers:
         quantizer = layer.quantizer
         row_group.append(quantizer.group_index + offset)
         scale.append(torch.full((quantizer.n_groups,), quantizer.grad_scale(layer.weight)))
+        inv_numel.append(torch.full((quantizer.n_groups,), 1.0 / layer.weight.numel()))
         offset += quantizer.n_groups
-    b = _Batch(layers, torch.cat(row_group), torch.cat(scale).to(row_group[0].device))
-    b.row_scale = b.scale[b.row_group]
-    return b
+    device = row_group[0].device
+    return _Batch(layers, torch.cat(row_group), torch.cat(scale).to(device), torch.cat(inv_numel).to(device))
 
 
 def _plan(model: nn.Module) -> list[_Batch]:
-    """The model's batches, rebuilt only when its quantized layers, quantizers or devices change."""
+    """The model's batches, rebuilt only when its quantized layers, quantizers, modes or devices change."""
     layers = _eligible(model)
-    key = [(layer, layer.quantizer, layer.weight.shape, layer.weight.device) for layer in layers]
+    key = [(layer, layer.quantizer, layer.mode, layer.weight.shape, layer.weight.device) for layer in layers]
     cached = model.__dict__.get(_PLAN)
     if cached is not None and len(cached[0]) == len(key) and all(
             a[0] is b[0] and a[1] is b[1] and a[2:] == b[2:] for a, b in zip(cached[0], key)):
         return cached[1]
     by_kind: dict[tuple, list[nn.Module]] = {}
     for layer in layers:
-        by_kind.setdefault((type(layer.quantizer), layer.quant_config.n_bits), []).append(layer)
+        by_kind.setdefault((type(layer.quantizer), layer.quant_config.n_bits, layer.mode), []).append(layer)
     batches = [_make_batch(group) for group in by_kind.values()]
     model.__dict__[_PLAN] = (key, batches)
     return batches
@@ -122,19 +145,36 @@ def _prefetch(model: nn.Module, args: Any) -> None:
     if get_backend() != "compiled" or not model.training or not torch.is_grad_enabled():
         return
     for batch in _plan(model):
-        quantizers = [layer.quantizer for layer in batch.layers]
-        levels = type(quantizers[0]).batched_levels(quantizers)
-        weights = [layer.weight for layer in batch.layers]
-        import os
-        if os.environ.get("EXP_PERLAYER"):
-            from ._kernels import scale_grad, _NearestLookup
-            table = levels[batch.row_group]
-            table = table.detach() + (table - table.detach()) * batch.row_scale[:, None]
-            for layer, t in zip(batch.layers, torch.split(table, [l.weight.shape[0] for l in batch.layers])):
-                layer._prefetched_weight = (_NearestLookup.apply(t, layer.weight.flatten(1), True).view_as(layer.weight), layer.weight, layer.weight._version)
-            return
-        for layer, q in zip(batch.layers, _LookupAll.apply(levels, batch.row_group, batch.scale, *weights)):
-            layer._prefetched_weight = (q, layer.weight, layer.weight._version)
+        if batch.ste:  # "float"-mode layers train with their float weight
+            weights = [layer.weight for layer in batch.layers]
+            quantized = _LookupAll.apply(batch.levels(), batch.row_group, batch.scale, *weights)
+            for layer, q in zip(batch.layers, quantized):
+                layer._prefetched_weight = (q, layer.weight, layer.weight._version)
+
+
+def hash_loss(model: nn.Module) -> tuple[Tensor | None, list[nn.Module]]:
+    """The summed hash loss of the layers the compiled kernels cover, from one pass over their
+    weights, and those layers (``(None, [])`` with the eager backend).
+
+    Equal to the sum of their :meth:`~timm_qconv.layers.QuantMixin.hash_loss` (weights
+    detached): per level, the value is the squared error of the weights that take it and the
+    gradient ``2 * (n * level - sum)``, from the level's weight count ``n`` and weight sum.
+    """
+    if get_backend() != "compiled":
+        return None, []
+    total, covered = None, []
+    for batch in _plan(model):
+        levels = batch.levels()
+        frozen = levels.detach()
+        with torch.no_grad():
+            stats = _compiled_all()[2]([layer.weight.detach() for layer in batch.layers], frozen, batch.row_group)
+        n_levels = levels.shape[1]
+        count, weight_sum, error = stats[:, :n_levels], stats[:, n_levels:-1], stats[:, -1]
+        per_group = error + (2 * (count * frozen - weight_sum) * (levels - frozen)).sum(1)
+        term = (per_group * batch.inv_numel).sum()
+        total = term if total is None else total + term
+        covered += batch.layers
+    return total, covered
 
 
 def _discard(model: nn.Module, args: Any, output: Any) -> None:

@@ -237,10 +237,19 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, QuantMixin]]:
 
 
 def hash_loss(model: nn.Module, wrt_weights: bool = False) -> Tensor:
-    """Sum of the quantized layers' hash losses (mean squared quantization error of each)."""
-    losses = [m.hash_loss(wrt_weights) for _, m in quantized_layers(model)]
-    if not losses:
+    """Sum of the quantized layers' hash losses (mean squared quantization error of each).
+
+    With the compiled kernels and ``wrt_weights=False``, the layers they cover are summed in one
+    pass (see :func:`timm_qconv._batched.hash_loss`); the others one by one.
+    """
+    layers = [m for _, m in quantized_layers(model)]
+    if not layers:
         raise ValueError(f"model {type(model).__name__} has no quantized layer; call quantize_model first")
+    batched, covered = (None, []) if wrt_weights else _batched.hash_loss(model)
+    covered = {id(m) for m in covered}
+    losses = [m.hash_loss(wrt_weights) for m in layers if id(m) not in covered]
+    if batched is not None:
+        losses.append(batched)
     return torch.stack(losses).sum()
 
 
