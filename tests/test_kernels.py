@@ -103,3 +103,48 @@ def test_compiled_hash_loss_matches_eager_value_and_gradients(compiled_backend, 
         if p.grad is not None:
             torch.testing.assert_close(p.grad, ref_p.grad, rtol=1e-4, atol=1e-4 * float(ref_p.grad.abs().max()),
                                        msg=lambda m, n=name: f"{n}: {m}")
+
+
+def train_step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.square().sum().backward()
+    return out.detach()
+
+
+def test_compiled_training_reuses_weight_buffers_and_keeps_them_for_live_graphs(compiled_backend):
+    model = quantized_small_model()
+    x, x2 = torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6)
+    train_step(model, x)
+    (batch,) = _plan(model)
+    kept = [b.data_ptr() for b in batch.buffers]
+    taken = []
+    take = batch.take_buffers
+    batch.take_buffers = lambda node, weights: taken.append(take(node, weights)) or taken[-1]
+    train_step(model, x)
+    assert taken[-1][1] and [b.data_ptr() for b in taken[-1][0]] == kept, "the kept buffers were not reused"
+    # Two forwards before one backward: the second must not write into what the first graph holds.
+    eager_model = copy.deepcopy(model)
+    model.zero_grad(set_to_none=True)
+    (model(x).square().sum() + model(x2).square().sum()).backward()
+    assert taken[-2][1] and not taken[-1][1], "the second forward took the buffers the first still used"
+    assert not {t.data_ptr() for t in taken[-1][0]} & set(kept)
+    set_backend("eager")
+    (eager_model(x).square().sum() + eager_model(x2).square().sum()).backward()
+    for (name, p), (_, ref) in zip(model.named_parameters(), eager_model.named_parameters()):
+        torch.testing.assert_close(p.grad, ref.grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    # A forward whose graph is dropped without a backward leaves the buffers free for the next one.
+    set_backend("compiled")
+    model(x)
+    train_step(model, x)
+    assert taken[-1][1], "a dropped graph kept the buffers"
+
+
+def test_compiled_buffers_changed_under_a_retained_graph_raise(compiled_backend):
+    model = quantized_small_model()
+    x = torch.randn(2, 3, 6, 6)
+    loss = model(x).square().sum()
+    loss.backward(retain_graph=True)
+    model(x).square().sum().backward()  # rewrites the buffers the first graph still holds
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -17,6 +17,7 @@ levels follow in closed form.
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -35,9 +36,10 @@ def _as_rows(weights: list[Tensor], levels: Tensor, row_group: Tensor) -> list[t
     return [(w.flatten(1).float(), table) for w, table in zip(weights, tables)]
 
 
-def _forward_all(weights: list[Tensor], levels: Tensor, row_group: Tensor) -> list[Tensor]:
-    return [_fused_forward(rows, table).to(w.dtype).view_as(w)
-            for w, (rows, table) in zip(weights, _as_rows(weights, levels, row_group))]
+def _forward_all(weights: list[Tensor], levels: Tensor, row_group: Tensor, outs: list[Tensor]) -> None:
+    """Quantize every weight into its ``outs`` buffer (written in place, no temporary)."""
+    for out, w, (rows, table) in zip(outs, weights, _as_rows(weights, levels, row_group)):
+        out.copy_(_fused_forward(rows, table).to(w.dtype).view_as(w))
 
 
 def _backward_all(weights: list[Tensor], levels: Tensor, row_group: Tensor, scale: Tensor,
@@ -59,42 +61,59 @@ def _error_stats_all(weights: list[Tensor], levels: Tensor, row_group: Tensor) -
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_all() -> tuple[Callable[..., list[Tensor]], Callable[..., Tensor], Callable[..., Tensor]]:
+def _compiled_all() -> tuple[Callable[..., None], Callable[..., Tensor], Callable[..., Tensor]]:
     # Specialised to the model's shapes on the first call (constant loop bounds vectorise best).
     return torch.compile(_forward_all), torch.compile(_backward_all), torch.compile(_error_stats_all)
 
 
 class _LookupAll(torch.autograd.Function):
-    """Nearest-level lookup of many weights against stacked per-group levels ``(G, L)``.
+    """Nearest-level lookup of a batch's weights against its stacked per-group levels ``(G, L)``.
 
-    ``row_group[c]`` is the row of ``levels`` that channel ``c`` (counted across all the weights)
-    uses, ``scale[g]`` the factor on group ``g``'s gradient; the weights get theirs straight through.
+    Channel ``c`` (counted across all the weights) uses row ``batch.row_group[c]`` of ``levels``;
+    group ``g``'s gradient is scaled by ``batch.scale[g]``; the weights get theirs straight through.
     """
 
     @staticmethod
-    def forward(ctx: Any, levels: Tensor, row_group: Tensor, scale: Tensor, *weights: Tensor) -> tuple[Tensor, ...]:
-        ctx.save_for_backward(levels, row_group, scale, *weights)
-        return tuple(_compiled_all()[0](list(weights), levels, row_group))
+    def forward(ctx: Any, batch: "_Batch", levels: Tensor, *weights: Tensor) -> tuple[Tensor, ...]:
+        ctx.batch = batch
+        ctx.save_for_backward(levels, *weights)
+        outs, ctx.owns_buffers = batch.take_buffers(ctx, weights)
+        _compiled_all()[0](list(weights), levels, batch.row_group, outs)
+        for out in outs:  # written behind autograd's back: a graph still holding them must notice
+            torch.autograd.graph.increment_version(out)
+        return tuple(out.detach() for out in outs)
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        levels, row_group, scale, *weights = ctx.saved_tensors
+        levels, *weights = ctx.saved_tensors
+        batch = ctx.batch
+        if ctx.owns_buffers:  # every user of this step's weights has run its backward by now
+            batch.owner = None
         grad_levels = None
-        if ctx.needs_input_grad[0]:  # levels frozen: nothing to reduce
+        if ctx.needs_input_grad[1]:  # levels frozen: nothing to reduce
             dense = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, weights)]
-            grad_levels = _compiled_all()[1](weights, levels, row_group, scale, dense)
+            grad_levels = _compiled_all()[1](weights, levels, batch.row_group, batch.scale, dense)
         # The weights' gradients are the incoming ones, not copies, so .grad takes them as they are.
-        return (grad_levels, None, None, *grads)
+        return (None, grad_levels, *grads)
 
 
 @dataclass
 class _Batch:
-    """Layers quantized together: same quantizer class, bit width and mode."""
+    """Layers quantized together: same quantizer class, bit width and mode.
+
+    Their quantized weights are written into buffers kept from step to step: a fresh 85 MB a step
+    (resnet34) made the C allocator hand memory back to the system and page-fault it in again,
+    which cost more than the quantization itself. A forward that finds them still in use by an
+    earlier graph (two forwards before a backward) writes into new tensors instead: the buffers
+    belong to the graph of the forward that took them until its backward runs or it is dropped.
+    """
 
     layers: list[nn.Module]
     row_group: Tensor  # (channels of all layers,) row of the stacked levels for each channel
     scale: Tensor  # (groups of all layers,) factor on each group's gradient from the task loss
     inv_numel: Tensor  # (groups of all layers,) 1 / weights in the group's layer (hash loss is a mean)
+    buffers: list[Tensor] | None = None
+    owner: weakref.ref | None = None  # the autograd node of the graph using the buffers
 
     @property
     def ste(self) -> bool:
@@ -103,6 +122,15 @@ class _Batch:
     def levels(self) -> Tensor:
         quantizers = [layer.quantizer for layer in self.layers]
         return type(quantizers[0]).batched_levels(quantizers)
+
+    def take_buffers(self, node: Any, weights: tuple[Tensor, ...]) -> tuple[list[Tensor], bool]:
+        """Output tensors for ``node``'s forward, and whether they are the kept buffers."""
+        if self.owner is not None and self.owner() is not None:
+            return [torch.empty_like(w) for w in weights], False
+        if self.buffers is None:
+            self.buffers = [torch.empty_like(w) for w in weights]
+        self.owner = weakref.ref(node)
+        return self.buffers, True
 
 
 def _eligible(module: nn.Module) -> list[nn.Module]:
@@ -128,7 +156,8 @@ def _make_batch(layers: list[nn.Module]) -> _Batch:
 def _plan(model: nn.Module) -> list[_Batch]:
     """The model's batches, rebuilt only when its quantized layers, quantizers, modes or devices change."""
     layers = _eligible(model)
-    key = [(layer, layer.quantizer, layer.mode, layer.weight.shape, layer.weight.device) for layer in layers]
+    key = [(layer, layer.quantizer, layer.mode, layer.weight.shape, layer.weight.dtype, layer.weight.device)
+           for layer in layers]
     cached = model.__dict__.get(_PLAN)
     if cached is not None and len(cached[0]) == len(key) and all(
             a[0] is b[0] and a[1] is b[1] and a[2:] == b[2:] for a, b in zip(cached[0], key)):
@@ -147,7 +176,7 @@ def _prefetch(model: nn.Module, args: Any) -> None:
     for batch in _plan(model):
         if batch.ste:  # "float"-mode layers train with their float weight
             weights = [layer.weight for layer in batch.layers]
-            quantized = _LookupAll.apply(batch.levels(), batch.row_group, batch.scale, *weights)
+            quantized = _LookupAll.apply(batch, batch.levels(), *weights)
             for layer, q in zip(batch.layers, quantized):
                 layer._prefetched_weight = (q, layer.weight, layer.weight._version)
 
