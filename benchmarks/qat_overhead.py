@@ -4,8 +4,10 @@ Measures one step (forward, backward, SGD step) with every Conv2d quantized (has
 functions, "ste") against the same step in float, alternating the two in one process, and prints
 the ratio of the medians, for both kernel backends (eager, compiled; see timm_qconv/_kernels.py).
 Further rows add the hash loss to the task loss. Each variant is paired with float on its own, so
-that one variant's memory traffic does not slow another's steps. The "floor" row replaces the
-quantizer by a plain copy of each weight: what any per-step weight transform costs at the least.
+that one variant's memory traffic does not slow another's steps. The "floor" rows replace the
+quantizer by a plain copy of each weight into a kept buffer: what any per-step weight transform
+costs at the least; "+ read back" adds one read of each weight and its gradient in the backward,
+the least that levels learning from the task loss cost on top.
 
     python benchmarks/qat_overhead.py [--steps 30] [--batch 64] [--backends eager compiled]
 """
@@ -26,38 +28,45 @@ from timm_qconv import hash_loss, quantize_model
 from timm_qconv._kernels import set_backend
 
 
-class _CopyReadBack(torch.autograd.Function):
-    """Forward: a copy. Backward: the gradient unchanged, after one read of the weight and the
-    gradient together (a dot product): the least a gradient reduced per level must cost."""
+class _CopyInto(torch.autograd.Function):
+    """Forward: the weight copied into a buffer kept from step to step (no allocation, as the
+    compiled kernels do). Backward: the gradient unchanged; with ``read_back``, after one read of
+    the weight and its gradient together (a dot product)."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, weight: torch.Tensor, buffer: torch.Tensor, read_back: bool) -> torch.Tensor:
+        ctx.read_back = read_back
         ctx.save_for_backward(weight)
-        return weight.clone()
+        return buffer.copy_(weight).detach()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (weight,) = ctx.saved_tensors
-        torch.dot(weight.flatten(), grad.flatten())
-        return grad
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        if ctx.read_back:
+            (weight,) = ctx.saved_tensors
+            torch.dot(weight.flatten(), grad.flatten())
+        return grad, None, None
 
 
 class _Copy(nn.Module):
-    """The cheapest per-step weight transform: a copy (gradient passes unchanged)."""
+    """The cheapest per-step weight transform: a copy (the gradient passes unchanged)."""
 
     def __init__(self, read_back: bool = False) -> None:
         super().__init__()
         self.read_back = read_back
+        self.buffer: torch.Tensor | None = None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return _CopyReadBack.apply(weight) if self.read_back else weight.clone()
+        if self.buffer is None:
+            self.buffer = torch.empty_like(weight)
+        return _CopyInto.apply(weight, self.buffer, self.read_back)
 
 
 def copy_model(model: nn.Module, read_back: bool = False) -> nn.Module:
-    """``model`` whose every Conv2d uses a fresh copy of its weight at each step: the floor of any
+    """``model`` whose every Conv2d uses a copy of its weight made at each step: the floor of any
     method that recomputes the weights each step (as QAT must), whatever its maths. With
     ``read_back``, the backward also reads each weight and its gradient once, as learning the
-    levels from the task loss must (each level's gradient sums those of the weights it holds)."""
+    levels from the task loss must (a level's gradient sums those of the weights it holds), with
+    the gradient still in cache and no arithmetic: a floor for the "hash ste" rows."""
     model = copy.deepcopy(model)
     for module in model.modules():
         if isinstance(module, nn.Conv2d):

@@ -22,3 +22,6 @@ def _seed() -> None:
 import os  # noqa: E402
 
 os.environ.setdefault("TIMM_QCONV_PLUGINS", "")
+# The eager kernels unless a test asks for others: "auto" would compile kernels for every model
+# shape the suite trains (tests/test_kernels.py covers the compiled and auto backends).
+os.environ.setdefault("TIMM_QCONV_KERNELS", "eager")

@@ -7,7 +7,7 @@ from torch import nn
 
 from timm_qconv import QuantConv2d, QuantLinear, hash_loss, quantize_model
 from timm_qconv._batched import _plan, attach, take_prefetched
-from timm_qconv._kernels import get_backend, set_backend
+from timm_qconv._kernels import compiler_works, get_backend, set_backend
 
 
 @pytest.fixture
@@ -148,3 +148,44 @@ def test_compiled_buffers_changed_under_a_retained_graph_raise(compiled_backend)
     model(x).square().sum().backward()  # rewrites the buffers the first graph still holds
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_auto_backend_batches_training_when_the_compiler_works():
+    previous = get_backend()
+    set_backend("auto")
+    try:
+        model = quantized_small_model()
+        train_step(model, torch.randn(2, 3, 6, 6))
+        (batch,) = _plan(model)
+        assert batch.buffers is not None, "auto did not take the batched compiled path"
+    finally:
+        set_backend(previous)
+
+
+def test_auto_backend_falls_back_to_eager_with_a_warning(monkeypatch):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found\nmore detail")
+
+    previous = get_backend()
+    set_backend("auto")
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    compiler_works.cache_clear()
+    try:
+        model = quantized_small_model()
+        eager_model = copy.deepcopy(model)
+        x = torch.randn(2, 3, 6, 6)
+        with pytest.warns(RuntimeWarning, match="no C.. compiler found.*eager kernels"):
+            out = train_step(model, x)
+        assert _plan(model)[0].buffers is None, "the batched path ran without a compiler"
+        set_backend("eager")
+        torch.testing.assert_close(out, train_step(eager_model, x))
+        for (name, p), (_, ref) in zip(model.named_parameters(), eager_model.named_parameters()):
+            torch.testing.assert_close(p.grad, ref.grad, msg=lambda m, n=name: f"{n}: {m}")
+    finally:
+        set_backend(previous)
+        compiler_works.cache_clear()
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="backend.*'fast'.*auto.*eager.*compiled"):
+        set_backend("fast")

@@ -3,7 +3,8 @@
 Per layer, recomputing the quantized weight costs a handful of small framework calls (the levels
 from the quantizer's parameters, the per-channel table, the gradient scale) on top of the fused
 kernel, and as many autograd nodes in the backward; across a ResNet's 36 convs that fixed cost
-is as large as the kernels themselves. With the ``"compiled"`` backend, :func:`attach` gives the
+is as large as the kernels themselves. With the ``"compiled"`` or ``"auto"`` backend (see
+:mod:`timm_qconv._kernels`), :func:`attach` gives the
 model a forward pre-hook that, per quantizer class and bit width, computes all layers' levels in
 one call (:meth:`Quantizer.batched_levels`) and all their quantized weights in one compiled call,
 with one compiled backward; each layer takes its result. A layer whose weight changed since, or
@@ -24,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ._kernels import MAX_COMPILED_LEVELS, _fused_backward, _fused_forward, get_backend
+from ._kernels import MAX_COMPILED_LEVELS, _fused_backward, _fused_forward, get_backend, use_batched
 
 _HANDLES = "_timm_qconv_batch_hooks"
 _PLAN = "_timm_qconv_batch_plan"
@@ -171,14 +172,14 @@ def _plan(model: nn.Module) -> list[_Batch]:
 
 
 def _prefetch(model: nn.Module, args: Any) -> None:
-    if get_backend() != "compiled" or not model.training or not torch.is_grad_enabled():
+    if get_backend() == "eager" or not model.training or not torch.is_grad_enabled():
         return
     for batch in _plan(model):
-        if batch.ste:  # "float"-mode layers train with their float weight
-            weights = [layer.weight for layer in batch.layers]
-            quantized = _LookupAll.apply(batch, batch.levels(), *weights)
-            for layer, q in zip(batch.layers, quantized):
-                layer._prefetched_weight = (q, layer.weight, layer.weight._version)
+        if not batch.ste or not use_batched(batch.row_group.device):  # "float" mode trains on float weights
+            continue
+        quantized = _LookupAll.apply(batch, batch.levels(), *[layer.weight for layer in batch.layers])
+        for layer, q in zip(batch.layers, quantized):
+            layer._prefetched_weight = (q, layer.weight, layer.weight._version)
 
 
 def hash_loss(model: nn.Module) -> tuple[Tensor | None, list[nn.Module]]:
@@ -189,10 +190,10 @@ def hash_loss(model: nn.Module) -> tuple[Tensor | None, list[nn.Module]]:
     detached): per level, the value is the squared error of the weights that take it and the
     gradient ``2 * (n * level - sum)``, from the level's weight count ``n`` and weight sum.
     """
-    if get_backend() != "compiled":
-        return None, []
     total, covered = None, []
-    for batch in _plan(model):
+    for batch in _plan(model) if get_backend() != "eager" else ():
+        if not use_batched(batch.row_group.device):
+            continue
         levels = batch.levels()
         frozen = levels.detach()
         with torch.no_grad():

@@ -5,22 +5,28 @@ nearest entry of its row's sorted level table ``(C, L)``. Its backward gives the
 the incoming gradient over the weights that took each level; the weights get no gradient here
 (the layers add the straight-through one).
 
-Two backends compute it:
+Backends:
 
-* ``"eager"`` (default): ``torch.searchsorted`` + ``gather``, codes saved for the backward.
+* ``"eager"``: ``torch.searchsorted`` + ``gather``, codes saved for the backward.
 * ``"compiled"``: the same maths through ``torch.compile``, fused into one pass over the weights
   forward and one backward, with nothing saved. On a CPU, where QAT of a small-input model is
-  bound by passes over the weights, this is what brings the overhead near the cost of the conv
-  itself. It compiles once per level count (about 20 s, cached on disk by PyTorch) and needs a
-  C++ compiler on the CPU, Triton on the GPU; tables of more than 16 levels use eager.
+  bound by passes over the weights, this is what brings the overhead near the cost of a copy of
+  the weights. It needs a C++ compiler on the CPU, Triton on the GPU; tables of more than 16
+  levels use eager.
+* ``"auto"`` (default): ``"compiled"`` for what :mod:`timm_qconv._batched` does for a converted
+  model in training (all layers' weights in one call, the hash loss in one pass), once a probe
+  has shown that ``torch.compile`` works on the device; ``"eager"`` for the rest (single layers,
+  eval), which then never waits for a compiler. Compiling takes about 20-40 s once per model
+  (cached on disk by PyTorch).
 
-Select it with :func:`set_backend` or the environment variable ``TIMM_QCONV_KERNELS``.
-If the whole model is ``torch.compile``d, the eager backend is traced and fused as well.
+Select one with :func:`set_backend` or the environment variable ``TIMM_QCONV_KERNELS``.
+Inside a ``torch.compile``d model the eager formulation is traced and fused with the model.
 """
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -29,19 +35,44 @@ from torch import Tensor
 from ._errors import check_choice
 from ._groups import midpoints
 
-BACKENDS = ("eager", "compiled")
+BACKENDS = ("auto", "eager", "compiled")
 MAX_COMPILED_LEVELS = 16
-_backend = check_choice("TIMM_QCONV_KERNELS", os.environ.get("TIMM_QCONV_KERNELS", "eager"), BACKENDS)
+_backend = check_choice("TIMM_QCONV_KERNELS", os.environ.get("TIMM_QCONV_KERNELS", "auto"), BACKENDS)
 
 
 def set_backend(backend: str) -> None:
-    """Choose how quantized layers compute their weights: ``"eager"`` or ``"compiled"``."""
+    """Choose how quantized layers compute their weights: ``"auto"``, ``"eager"`` or ``"compiled"``."""
     global _backend
     _backend = check_choice("backend", backend, BACKENDS)
 
 
 def get_backend() -> str:
     return _backend
+
+
+def use_batched(device: torch.device) -> bool:
+    """Whether a converted model's training forward and hash loss take the batched compiled path."""
+    if _backend == "eager" or torch.compiler.is_compiling():
+        return False
+    return _backend == "compiled" or compiler_works(device.type)
+
+
+def _probe(x: Tensor) -> Tensor:
+    return torch.where(x > 0.5, x, -x).sum(1)
+
+
+@functools.lru_cache(maxsize=None)
+def compiler_works(device_type: str) -> bool:
+    """Whether ``torch.compile`` can build a kernel on this kind of device (tried once; a few seconds)."""
+    try:
+        torch.compile(_probe)(torch.rand(4, 8, device=device_type))
+        return True
+    except Exception as error:  # a missing compiler surfaces as one of several torch error types
+        warnings.warn(f"timm_qconv: torch.compile does not work on {device_type} here ({type(error).__name__}: "
+                      f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); quantization-aware "
+                      "training uses the eager kernels, about twice as slow on a CPU. "
+                      "TIMM_QCONV_KERNELS=eager skips this check.", RuntimeWarning, stacklevel=3)
+        return False
 
 
 def _fused_forward(rows: Tensor, table: Tensor) -> Tensor:
