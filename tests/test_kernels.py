@@ -150,14 +150,18 @@ def test_compiled_buffers_changed_under_a_retained_graph_raise(compiled_backend)
         loss.backward()
 
 
-def test_auto_backend_batches_training_when_the_compiler_works():
+def test_auto_backend_batches_training_up_to_three_bits_when_the_compiler_works():
     previous = get_backend()
     set_backend("auto")
     try:
-        model = quantized_small_model()
+        model = quantized_small_model()  # 2 bits
         train_step(model, torch.randn(2, 3, 6, 6))
         (batch,) = _plan(model)
         assert batch.buffers is not None, "auto did not take the batched compiled path"
+        model = quantize_model(small_model()[:3], n_bits=4, n_functions=2)
+        train_step(model, torch.randn(2, 3, 6, 6))
+        (batch,) = _plan(model)
+        assert batch.buffers is None, "auto compiled 16-level kernels"
     finally:
         set_backend(previous)
 

@@ -51,20 +51,19 @@ def _backward_all(weights: list[Tensor], levels: Tensor, row_group: Tensor, scal
     return torch.zeros_like(levels).index_add_(0, row_group, per_channel) * scale[:, None]
 
 
-def _error_stats_all(weights: list[Tensor], levels: Tensor, row_group: Tensor) -> Tensor:
-    """Per group ``(G, 2L + 1)``: the count and the sum of the weights that take each level, and
+def _level_stats(rows: Tensor, table: Tensor) -> Tensor:
+    """Per channel ``(C, 2L + 1)``: the count and the sum of the weights that take each level, and
     the squared quantization error, from one pass over the weights."""
-    per_channel = torch.cat([
-        torch.cat([_fused_backward(rows, table, torch.ones_like(rows)), _fused_backward(rows, table, rows),
-                   (_fused_forward(rows, table) - rows).square().sum(1, keepdim=True)], 1)
-        for rows, table in _as_rows(weights, levels, row_group)])
-    return levels.new_zeros(levels.shape[0], per_channel.shape[1]).index_add_(0, row_group, per_channel)
+    return torch.cat([_fused_backward(rows, table, torch.ones_like(rows)), _fused_backward(rows, table, rows),
+                      (_fused_forward(rows, table) - rows).square().sum(1, keepdim=True)], 1)
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled_all() -> tuple[Callable[..., None], Callable[..., Tensor], Callable[..., Tensor]]:
-    # Specialised to the model's shapes on the first call (constant loop bounds vectorise best).
-    return torch.compile(_forward_all), torch.compile(_backward_all), torch.compile(_error_stats_all)
+    # The training path is specialised to the model's shapes on the first call (constant loop
+    # bounds vectorise best); the hash loss's statistics, off that path, take one kernel with
+    # dynamic shapes called per layer: all layers in one specialised graph took minutes to compile.
+    return torch.compile(_forward_all), torch.compile(_backward_all), torch.compile(_level_stats, dynamic=True)
 
 
 class _LookupAll(torch.autograd.Function):
@@ -119,6 +118,11 @@ class _Batch:
     @property
     def ste(self) -> bool:
         return self.layers[0].mode == "ste"
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the kernel backend sends this batch through the compiled kernels now."""
+        return use_batched(self.row_group.device, self.layers[0].quant_config.n_levels)
 
     def levels(self) -> Tensor:
         quantizers = [layer.quantizer for layer in self.layers]
@@ -175,7 +179,7 @@ def _prefetch(model: nn.Module, args: Any) -> None:
     if get_backend() == "eager" or not model.training or not torch.is_grad_enabled():
         return
     for batch in _plan(model):
-        if not batch.ste or not use_batched(batch.row_group.device):  # "float" mode trains on float weights
+        if not batch.ste or not batch.compiled:  # "float"-mode layers train on their float weights
             continue
         quantized = _LookupAll.apply(batch, batch.levels(), *[layer.weight for layer in batch.layers])
         for layer, q in zip(batch.layers, quantized):
@@ -192,12 +196,14 @@ def hash_loss(model: nn.Module) -> tuple[Tensor | None, list[nn.Module]]:
     """
     total, covered = None, []
     for batch in _plan(model) if get_backend() != "eager" else ():
-        if not use_batched(batch.row_group.device):
+        if not batch.compiled:
             continue
         levels = batch.levels()
         frozen = levels.detach()
         with torch.no_grad():
-            stats = _compiled_all()[2]([layer.weight.detach() for layer in batch.layers], frozen, batch.row_group)
+            weights = [layer.weight.detach() for layer in batch.layers]
+            per_channel = torch.cat([_compiled_all()[2](rows, table) for rows, table in _as_rows(weights, frozen, batch.row_group)])
+            stats = levels.new_zeros(levels.shape[0], per_channel.shape[1]).index_add_(0, batch.row_group, per_channel)
         n_levels = levels.shape[1]
         count, weight_sum, error = stats[:, :n_levels], stats[:, n_levels:-1], stats[:, -1]
         per_group = error + (2 * (count * frozen - weight_sum) * (levels - frozen)).sum(1)

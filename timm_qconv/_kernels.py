@@ -14,10 +14,11 @@ Backends:
   the weights. It needs a C++ compiler on the CPU, Triton on the GPU; tables of more than 16
   levels use eager.
 * ``"auto"`` (default): ``"compiled"`` for what :mod:`timm_qconv._batched` does for a converted
-  model in training (all layers' weights in one call, the hash loss in one pass), once a probe
-  has shown that ``torch.compile`` works on the device; ``"eager"`` for the rest (single layers,
-  eval), which then never waits for a compiler. Compiling takes about 20-40 s once per model
-  (cached on disk by PyTorch).
+  model in training (all layers' weights in one call, the hash loss in one more), for up to 8
+  levels (3 bits) and once a probe has shown that ``torch.compile`` works on the device;
+  ``"eager"`` for the rest (single layers, eval, 4 bits and more), which then never waits for a
+  compiler. Compiling takes about a minute once per model at 2-3 bits and several minutes at 4
+  bits (cached on disk by PyTorch), which is why ``"auto"`` stops at 3 bits.
 
 Select one with :func:`set_backend` or the environment variable ``TIMM_QCONV_KERNELS``.
 Inside a ``torch.compile``d model the eager formulation is traced and fused with the model.
@@ -37,6 +38,8 @@ from ._groups import midpoints
 
 BACKENDS = ("auto", "eager", "compiled")
 MAX_COMPILED_LEVELS = 16
+#: "auto" compiles for up to 3 bits: for resnet34 that takes about a minute, 4 bits several.
+AUTO_MAX_LEVELS = 8
 _backend = check_choice("TIMM_QCONV_KERNELS", os.environ.get("TIMM_QCONV_KERNELS", "auto"), BACKENDS)
 
 
@@ -50,11 +53,14 @@ def get_backend() -> str:
     return _backend
 
 
-def use_batched(device: torch.device) -> bool:
-    """Whether a converted model's training forward and hash loss take the batched compiled path."""
-    if _backend == "eager" or torch.compiler.is_compiling():
+def use_batched(device: torch.device, n_levels: int) -> bool:
+    """Whether a converted model's layers with ``n_levels`` levels take the batched compiled path
+    in training forwards and the hash loss."""
+    if _backend == "eager" or torch.compiler.is_compiling() or n_levels > MAX_COMPILED_LEVELS:
         return False
-    return _backend == "compiled" or compiler_works(device.type)
+    if _backend == "compiled":
+        return True
+    return n_levels <= AUTO_MAX_LEVELS and compiler_works(device.type)
 
 
 def _probe(x: Tensor) -> Tensor:
