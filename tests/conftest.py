@@ -22,6 +22,8 @@ def _seed() -> None:
 import os  # noqa: E402
 
 os.environ.setdefault("TIMM_QCONV_PLUGINS", "")
-# The eager kernels unless a test asks for others: "auto" would compile kernels for every model
-# shape the suite trains (tests/test_kernels.py covers the compiled and auto backends).
+# The eager kernels (the default) unless a test asks for others: compiling for every model shape
+# the suite trains takes long (tests/test_kernels.py covers the compiled and auto backends). An
+# explicit value is kept: `TIMM_QCONV_KERNELS=compiled pytest tests/test_accelerate.py` runs the
+# two-process test on the compiled path.
 os.environ.setdefault("TIMM_QCONV_KERNELS", "eager")

@@ -193,3 +193,39 @@ def test_auto_backend_falls_back_to_eager_with_a_warning(monkeypatch):
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="backend.*'fast'.*auto.*eager.*compiled"):
         set_backend("fast")
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(3, 4, 3)
+        self.used = nn.Conv2d(4, 2, 1)
+        self.unused = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(self.body(x))
+
+
+def test_compiled_layers_left_out_of_a_forward_get_no_gradient(compiled_backend):
+    model = quantize_model(TwoHeads(), n_bits=2, n_functions=2)
+    model(torch.randn(2, 3, 6, 6)).square().sum().backward()
+    assert model.unused.weight.grad is None and model.used.weight.grad is not None
+
+
+def test_compiled_model_pickles_after_a_forward_without_backward(compiled_backend, tmp_path):
+    model = quantized_small_model()
+    model(torch.randn(2, 3, 6, 6))  # a graph that never runs backward
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    train_step(loaded, torch.randn(2, 3, 6, 6))
+
+
+def test_compiled_backend_trains_under_autocast_and_in_bfloat16(compiled_backend):
+    x = torch.randn(2, 3, 6, 6)
+    model = quantized_small_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().square().sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.endswith("weight"))
+    half = quantized_small_model().bfloat16()  # not float32: the layers compute their own weights
+    half(x.bfloat16()).float().square().sum().backward()
+    (hash_loss(half) + hash_loss(model)).backward()

@@ -76,8 +76,11 @@ class _LookupAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, batch: "_Batch", levels: Tensor, *weights: Tensor) -> tuple[Tensor, ...]:
         ctx.batch = batch
+        ctx.set_materialize_grads(False)  # an unused layer's weight keeps a None gradient
         ctx.save_for_backward(levels, *weights)
-        outs, ctx.owns_buffers = batch.take_buffers(ctx, weights)
+        # Without a graph (nothing requires grad) no backward frees the kept buffers: use fresh ones.
+        keep = levels.requires_grad or any(w.requires_grad for w in weights)
+        outs, ctx.owns_buffers = batch.take_buffers(ctx, weights) if keep else ([torch.empty_like(w) for w in weights], False)
         _compiled_all()[0](list(weights), levels, batch.row_group, outs)
         for out in outs:  # written behind autograd's back: a graph still holding them must notice
             torch.autograd.graph.increment_version(out)
@@ -90,7 +93,7 @@ class _LookupAll(torch.autograd.Function):
         if ctx.owns_buffers:  # every user of this step's weights has run its backward by now
             batch.owner = None
         grad_levels = None
-        if ctx.needs_input_grad[1]:  # levels frozen: nothing to reduce
+        if ctx.needs_input_grad[1] and any(g is not None for g in grads):  # else nothing to reduce
             dense = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, weights)]
             grad_levels = _compiled_all()[1](weights, levels, batch.row_group, batch.scale, dense)
         # The weights' gradients are the incoming ones, not copies, so .grad takes them as they are.
@@ -126,7 +129,12 @@ class _Batch:
 
     def levels(self) -> Tensor:
         quantizers = [layer.quantizer for layer in self.layers]
-        return type(quantizers[0]).batched_levels(quantizers)
+        with torch.autocast(self.row_group.device.type, enabled=False):  # float32 under autocast too
+            return type(quantizers[0]).batched_levels(quantizers).float()
+
+    def __getstate__(self) -> dict:
+        # Pickling a model (torch.save) keeps the plan but not the buffers or their owner.
+        return {**self.__dict__, "buffers": None, "owner": None}
 
     def take_buffers(self, node: Any, weights: tuple[Tensor, ...]) -> tuple[list[Tensor], bool]:
         """Output tensors for ``node``'s forward, and whether they are the kept buffers."""
@@ -143,7 +151,7 @@ def _eligible(module: nn.Module) -> list[nn.Module]:
 
     return [m for m in module.modules()
             if isinstance(m, QuantMixin) and m.quantizer is not None and m.quantizer.nearest
-            and m.quant_config.n_levels <= MAX_COMPILED_LEVELS]
+            and m.quant_config.n_levels <= MAX_COMPILED_LEVELS and m.weight.dtype == torch.float32]
 
 
 def _make_batch(layers: list[nn.Module]) -> _Batch:
@@ -176,7 +184,8 @@ def _plan(model: nn.Module) -> list[_Batch]:
 
 
 def _prefetch(model: nn.Module, args: Any) -> None:
-    if get_backend() == "eager" or not model.training or not torch.is_grad_enabled():
+    if (get_backend() == "eager" or not model.training or not torch.is_grad_enabled()
+            or getattr(model, "grad_checkpointing", False)):
         return
     for batch in _plan(model):
         if not batch.ste or not batch.compiled:  # "float"-mode layers train on their float weights
@@ -230,7 +239,8 @@ def take_prefetched(layer: nn.Module) -> Tensor | None:
 def attach(model: nn.Module) -> None:
     """Give ``model`` the hooks that batch its layers' weight quantization (idempotent)."""
     if _HANDLES not in model.__dict__:
-        model.__dict__[_HANDLES] = (model.register_forward_pre_hook(_prefetch), model.register_forward_hook(_discard))
+        model.__dict__[_HANDLES] = (model.register_forward_pre_hook(_prefetch),
+                                    model.register_forward_hook(_discard, always_call=True))
 
 
 def detach(model: nn.Module) -> None:

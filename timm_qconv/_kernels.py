@@ -7,20 +7,22 @@ the incoming gradient over the weights that took each level; the weights get no 
 
 Backends:
 
-* ``"eager"``: ``torch.searchsorted`` + ``gather``, codes saved for the backward.
+* ``"eager"`` (default): ``torch.searchsorted`` + ``gather``, codes saved for the backward.
 * ``"compiled"``: the same maths through ``torch.compile``, fused into one pass over the weights
   forward and one backward, with nothing saved. On a CPU, where QAT of a small-input model is
   bound by passes over the weights, this is what brings the overhead near the cost of a copy of
   the weights. It needs a C++ compiler on the CPU, Triton on the GPU; tables of more than 16
   levels use eager.
-* ``"auto"`` (default): ``"compiled"`` for what :mod:`timm_qconv._batched` does for a converted
+* ``"auto"``: ``"compiled"`` for what :mod:`timm_qconv._batched` does for a converted
   model in training (all layers' weights in one call, the hash loss in one more), for up to 8
   levels (3 bits) and once a probe has shown that ``torch.compile`` works on the device;
   ``"eager"`` for the rest (single layers, eval, 4 bits and more), which then never waits for a
   compiler. Compiling takes about a minute once per model at 2-3 bits and several minutes at 4
   bits (cached on disk by PyTorch), which is why ``"auto"`` stops at 3 bits.
 
-Select one with :func:`set_backend` or the environment variable ``TIMM_QCONV_KERNELS``.
+Select one with :func:`set_backend` or the environment variable ``TIMM_QCONV_KERNELS``. The
+batched path that "auto" and "compiled" use has limits the eager one has not (see
+:mod:`timm_qconv._batched`), which is why it is not the default.
 Inside a ``torch.compile``d model the eager formulation is traced and fused with the model.
 """
 from __future__ import annotations
@@ -40,7 +42,7 @@ BACKENDS = ("auto", "eager", "compiled")
 MAX_COMPILED_LEVELS = 16
 #: "auto" compiles for up to 3 bits: for resnet34 that takes about a minute, 4 bits several.
 AUTO_MAX_LEVELS = 8
-_backend = check_choice("TIMM_QCONV_KERNELS", os.environ.get("TIMM_QCONV_KERNELS", "auto"), BACKENDS)
+_backend = check_choice("TIMM_QCONV_KERNELS", os.environ.get("TIMM_QCONV_KERNELS", "eager"), BACKENDS)
 
 
 def set_backend(backend: str) -> None:
