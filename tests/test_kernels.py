@@ -120,7 +120,7 @@ def test_compiled_training_reuses_weight_buffers_and_keeps_them_for_live_graphs(
     kept = [b.data_ptr() for b in batch.buffers]
     taken = []
     take = batch.take_buffers
-    batch.take_buffers = lambda node, weights: taken.append(take(node, weights)) or taken[-1]
+    batch.take_buffers = lambda node, weights, graph: taken.append(take(node, weights, graph)) or taken[-1]
     train_step(model, x)
     assert taken[-1][1] and [b.data_ptr() for b in taken[-1][0]] == kept, "the kept buffers were not reused"
     # Two forwards before one backward: the second must not write into what the first graph holds.

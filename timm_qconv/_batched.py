@@ -78,9 +78,8 @@ class _LookupAll(torch.autograd.Function):
         ctx.batch = batch
         ctx.set_materialize_grads(False)  # an unused layer's weight keeps a None gradient
         ctx.save_for_backward(levels, *weights)
-        # Without a graph (nothing requires grad) no backward frees the kept buffers: use fresh ones.
-        keep = levels.requires_grad or any(w.requires_grad for w in weights)
-        outs, ctx.owns_buffers = batch.take_buffers(ctx, weights) if keep else ([torch.empty_like(w) for w in weights], False)
+        graph = levels.requires_grad or any(w.requires_grad for w in weights)
+        outs, ctx.owns_buffers = batch.take_buffers(ctx, weights, graph)
         _compiled_all()[0](list(weights), levels, batch.row_group, outs)
         for out in outs:  # written behind autograd's back: a graph still holding them must notice
             torch.autograd.graph.increment_version(out)
@@ -136,9 +135,10 @@ class _Batch:
         # Pickling a model (torch.save) keeps the plan but not the buffers or their owner.
         return {**self.__dict__, "buffers": None, "owner": None}
 
-    def take_buffers(self, node: Any, weights: tuple[Tensor, ...]) -> tuple[list[Tensor], bool]:
-        """Output tensors for ``node``'s forward, and whether they are the kept buffers."""
-        if self.owner is not None and self.owner() is not None:
+    def take_buffers(self, node: Any, weights: tuple[Tensor, ...], graph: bool) -> tuple[list[Tensor], bool]:
+        """Output tensors for ``node``'s forward, and whether they are the kept buffers. Without a
+        ``graph`` (nothing requires grad) no backward would free the kept ones: fresh tensors."""
+        if not graph or (self.owner is not None and self.owner() is not None):
             return [torch.empty_like(w) for w in weights], False
         if self.buffers is None:
             self.buffers = [torch.empty_like(w) for w in weights]
@@ -223,8 +223,9 @@ def hash_loss(model: nn.Module) -> tuple[Tensor | None, list[nn.Module]]:
 
 
 def _discard(model: nn.Module, args: Any, output: Any) -> None:
-    for module in model.modules():
-        module.__dict__.pop("_prefetched_weight", None)
+    for batch in model.__dict__.get(_PLAN, (None, ()))[1]:  # the layers _prefetch can have served
+        for layer in batch.layers:
+            layer.__dict__.pop("_prefetched_weight", None)
 
 
 def take_prefetched(layer: nn.Module) -> Tensor | None:

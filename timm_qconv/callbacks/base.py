@@ -27,6 +27,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .._registry import make_config
+from ..config import QuantConfig
+
 EVENTS = (
     "on_init", "on_load", "on_train_begin", "on_epoch_begin", "on_step_begin", "on_loss", "on_step_end",
     "on_evaluate", "on_epoch_end", "on_save", "on_train_end",
@@ -133,6 +136,13 @@ class QuantCallback:
 
     def on_train_end(self, state: TrainState, control: TrainControl, **kwargs: Any) -> nn.Module | None:
         """Training ended; may return a replacement for the model (e.g. frozen into plain layers)."""
+
+
+def method_config(method: Any, n_bits: Any, n_functions: Any, method_options: Any) -> QuantConfig:
+    """The validated method config of a callback's options (``method_options``: the method's own)."""
+    if not isinstance(method_options, dict):
+        raise TypeError(f"method_options={method_options!r} must be a dict of the method's options")
+    return make_config(method, n_bits=n_bits, n_functions=n_functions, **method_options)
 
 
 def resolve_options(options_class: type, options: Any, kwargs: dict[str, Any], owner: str) -> Any:

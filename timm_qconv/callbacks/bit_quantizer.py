@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from .._errors import check_int
-from .._registry import config_owner, make_config
+from .._registry import config_owner
 from ..bit_quantizer import BitQuantizer
 from ..config import QuantConfig
 from ..convert import _as_layer_types, _as_patterns
 from ..report import QuantReport
-from .base import QuantCallback, TrainControl, TrainState, resolve_options
+from .base import QuantCallback, TrainControl, TrainState, method_config, resolve_options
 
 EvalFn = Callable[[nn.Module], dict[str, float]]
 
@@ -56,9 +56,7 @@ class BitQuantizerOptions:
     config: QuantConfig = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.method_options, dict):
-            raise TypeError(f"method_options={self.method_options!r} must be a dict of the method's options")
-        self.config = make_config(self.method, n_bits=self.n_bits, n_functions=self.n_functions, **self.method_options)
+        self.config = method_config(self.method, self.n_bits, self.n_functions, self.method_options)
         self.layers = _as_layer_types(self.layers)
         self.avoid = _as_patterns("avoid", self.avoid)
         check_int("n_iter", self.n_iter, 1)

@@ -19,11 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import check_choice, check_float, check_int
-from .._registry import config_owner, make_config
+from .._registry import config_owner
 from ..config import QuantConfig
 from ..convert import _as_layer_types, _as_patterns, freeze_model, hash_loss, quantize_model, quantized_layers
 from ..layers import MODES
-from .base import QuantCallback, TrainControl, TrainState, resolve_options
+from .base import QuantCallback, TrainControl, TrainState, method_config, resolve_options
 
 _KIND_NAMES = {nn.Conv2d: "conv", nn.Linear: "linear"}
 
@@ -84,9 +84,7 @@ class HashLossOptions:
     config: QuantConfig = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.method_options, dict):
-            raise TypeError(f"method_options={self.method_options!r} must be a dict of the method's options")
-        self.config = make_config(self.method, n_bits=self.n_bits, n_functions=self.n_functions, **self.method_options)
+        self.config = method_config(self.method, self.n_bits, self.n_functions, self.method_options)
         self.layers = tuple(dict.fromkeys(_KIND_NAMES[kind] for kind in _as_layer_types(self.layers)))
         self.avoid = _as_patterns("avoid", self.avoid)
         _check_bool("skip_first_last", self.skip_first_last)
