@@ -1,267 +1,374 @@
-"""Hash-loss quantization-aware training of a timm ResNet-34 on CIFAR-10, with Accelerate.
+"""Float vs post-training vs quantization-aware training of a timm model, with Accelerate.
 
-    python recipes/resnet34_q.py                                                     # one process: CPU or one GPU
-    accelerate launch --multi_gpu --num_processes 2 recipes/resnet34_q.py            # two processes (GPUs, or gloo on CPU)
-    python recipes/resnet34_q.py --dataset fashion-mnist                             # apt-get install dataset-fashion-mnist
-    python recipes/resnet34_q.py --dataset synthetic --max-steps 2 --batch-size 4    # smoke test, no data needed
-    python recipes/resnet34_q.py --resume runs/resnet34_q/checkpoint                 # go on from the last checkpoint
+    python recipes/resnet34_q.py                                              # one process: CPU or one GPU
+    accelerate launch --multi_gpu --num_processes 2 recipes/resnet34_q.py     # two processes (GPUs, or gloo on CPU)
+    python recipes/resnet34_q.py --model resnet18 --dataset fashion-mnist --bits 4 2
+    python recipes/resnet34_q.py --config my_run.yaml                         # same keys as the flags
+    python recipes/resnet34_q.py --output-dir runs/resnet34_q --resume        # continue every run exactly
 
-Every field of ``Config`` is a flag (``max_steps`` -> ``--max-steps``). CIFAR-10 is downloaded into
-``--data-dir`` (default ``data``) unless ``cifar-10-batches-py/`` is already there; Fashion-MNIST
-is read from the IDX files of Debian's ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``).
+One invocation trains the model in float (``--mode float``), quantizes the float weights after
+training with ``BitQuantizer`` (``ptq``), fine-tunes them with the hash loss (``qat``; from random
+weights with ``--qat-from-scratch``), or all three (``all``, the default) at every width of
+``--bits``, and compares them. ``--output-dir`` then holds ``results.json``, the float weights and
+one packed export per quantized run (``save_quantized``), a checkpoint per training run
+(``checkpoints/RUN``), and PNG charts. ``recipes/lenet_q.py`` is the same recipe for LeNet-5.
 
-QAT is the five statements marked ``# QAT``: a :class:`~timm_qconv.callbacks.CallbackHandler` with a
-:class:`~timm_qconv.callbacks.HashLossCallback` converts the model before the optimizer exists,
-adds the hash loss to every step's loss, and freezes the model into plain layers at the end. A
-checkpoint (``accelerator.save_state``) is written after every epoch and when ``--max-steps``
-stops the run; it holds the quantizer state, so ``--resume`` continues exactly.
+QAT is the lines marked ``# QAT``: a ``CallbackHandler`` with a ``HashLossCallback`` converts the
+model before the optimizer exists and adds the hash loss to every step's loss; the rest is a plain
+Accelerate loop. ``--batch-size`` is the global batch, split over the processes, so that one and
+two processes train the same way.
 """
 from __future__ import annotations
 
 import argparse
-import gzip
+import copy
 import json
 import math
-import os
-import pickle
-import struct
-from dataclasses import asdict, dataclass, fields
+import sys
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
 
-import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader, Dataset
-from torchmetrics.classification import MulticlassAccuracy
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from timm_qconv.callbacks import CallbackHandler, HashLossCallback
+from timm_qconv import BitQuantizer, CallbackHandler, HashLossCallback, list_methods, quantized_layers, save_quantized
+from timm_qconv.atomic import atomic_directory, atomic_write
+from timm_qconv.datasets import DatasetInfo, DatasetNotFoundError, ImageTensors, list_datasets, load_dataset
+from timm_qconv.plots import plot_accuracy_per_epoch, plot_accuracy_vs_bits, plot_levels_over_weights
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-DATASETS = ("cifar10", "fashion-mnist", "synthetic")
+MODES = ("all", "float", "ptq", "qat")
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A config field with its --help text."""
+    factory = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(**factory, metadata={"help": help, **kwargs})
 
 
 @dataclass
 class Config:
-    model: str = "resnet34"          # any timm model name
-    pretrained: bool = False         # start from timm's ImageNet weights (downloads them)
-    dataset: str = "cifar10"         # cifar10 | fashion-mnist | synthetic
-    data_dir: str = ""               # "" = data/ for CIFAR-10, /usr/share/datasets/fashion-mnist for Fashion-MNIST
-    epochs: int = 30
-    max_steps: int = 0               # stop after this many steps (0: run all epochs); the lr schedule still spans --epochs
-    batch_size: int = 128            # per process
-    lr: float = 0.05                 # SGD peak learning rate, cosine-decayed to 0 over the run
-    weight_decay: float = 5e-4       # not applied to the quantizer's levels
-    method: str = "hash"             # quantization method (timm_qconv.list_methods())
-    n_bits: int = 4                  # bits per weight
-    n_functions: int = 32            # groups of output channels with their own levels
-    hash_weight: float = 1.0         # weight of the hash loss after warm-up
-    warmup_steps: int = 200          # steps of linear warm-up of the hash-loss weight
-    freeze_levels_epoch: int = 0     # freeze the quantizer's levels after this epoch (0: never)
-    output_dir: str = "runs/resnet34_q"
-    resume: str = ""                 # a checkpoint folder to continue from
-    seed: int = 0
-    num_workers: int = 2             # dataloader workers per process
-    log_every: int = 50              # print the loss every this many steps
+    """Options of every recipe run; each is a flag (``max_steps`` -> ``--max-steps``)."""
+
+    dataset: str = option("cifar10", "dataset", choices=list_datasets())
+    data_dir: str = option("", "folder to look in first and download into (also $TIMM_QCONV_DATA)")
+    train_subset: int = option(0, "train on the first N training images only (0: all)")
+    mode: str = option("all", "what to run: float training, ptq of it, qat from it, or all", choices=MODES)
+    bits: list[int] = option([4, 2], "bits per weight of the quantized runs (several: one run each)")
+    method: str = option("hash", "quantization method", choices=list_methods())
+    n_functions: int = option(32, "channel groups per layer, each with its own levels")
+    layers: str = option("conv,linear", "layer kinds to quantize")
+    skip_first_last: bool = option(False, "keep the first conv and the classifier in float")
+    epochs: int = option(30, "float training epochs (also QAT's with --qat-from-scratch)")
+    qat_epochs: int = option(10, "QAT fine-tuning epochs from the float weights")
+    max_steps: int = option(0, "stop every training run after this many steps (0: no limit); the lr schedule still spans the epochs")
+    batch_size: int = option(128, "global batch size, split over the processes")
+    lr: float = option(0.05, "peak SGD learning rate of float training, cosine-decayed to 0")
+    qat_lr: float = option(0.01, "peak learning rate of QAT fine-tuning")
+    weight_decay: float = option(5e-4, "weight decay (never on the quantizer's levels)")
+    hash_weight: float = option(1.0, "weight of the hash loss after warm-up")
+    warmup_steps: int = option(200, "steps of linear warm-up of the hash loss's weight")
+    ptq_iters: int = option(50, "BitQuantizer fitting iterations")
+    qat_from_scratch: bool = option(False, "QAT from random weights instead of the float run's")
+    output_dir: str = option("runs/resnet34_q", "where results, models, checkpoints and charts go")
+    resume: bool = option(False, "continue every run from its checkpoint in --output-dir")
+    seed: int = option(0, "random seed (weights, data order, augmentation)")
+    num_workers: int = option(2, "dataloader workers per process")
+
+    def __post_init__(self) -> None:
+        checks = {"bits": all(isinstance(b, int) and 1 <= b <= 8 for b in self.bits) and len(self.bits) > 0,
+                  "n_functions": self.n_functions >= 1, "epochs": self.epochs >= 1, "qat_epochs": self.qat_epochs >= 1,
+                  "max_steps": self.max_steps >= 0, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
+                  "qat_lr": self.qat_lr > 0, "train_subset": self.train_subset >= 0, "ptq_iters": self.ptq_iters >= 1,
+                  "num_workers": self.num_workers >= 0, "layers": set(self.layers.split(",")) <= {"conv", "linear"}}
+        allowed = {"bits": "1..8 (one or more)", "layers": "conv, linear or conv,linear"}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not allowed; expected "
+                                 + allowed.get(name, "a positive number" if name != "max_steps" else ">= 0"))
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true")
+@dataclass
+class TimmConfig(Config):
+    """The options above, for a timm model."""
+
+    model: str = option("resnet34", "any timm model name")
+    pretrained: bool = option(False, "start from timm's pretrained weights (downloads them)")
+    small_stem: bool | None = option(None, "3x3 stride-1 first conv, no max-pool (default: on for <=32-pixel data)")
+
+
+def parse_args(config_class: type = TimmConfig, argv: list[str] | None = None, doc: str = __doc__) -> Any:
+    """Flags from the config's fields; ``--config FILE`` (YAML or JSON, same keys) sets their defaults."""
+    title, commands = doc.split("\n\n")[:2]
+    parser = argparse.ArgumentParser(description=title, epilog="launch commands:\n" + commands,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (flags given here win)")
+    defaults = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+                for f in fields(config_class)}
+    for f in fields(config_class):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        help_text = f"{meta['help']} (default: {defaults[f.name]})".replace("%", "%%")
+        if isinstance(defaults[f.name], bool) or defaults[f.name] is None:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=defaults[f.name], help=help_text)
+        elif isinstance(defaults[f.name], list):
+            parser.add_argument(flag, type=int, nargs="+", default=defaults[f.name], help=help_text)
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default,
-                                choices=DATASETS if f.name == "dataset" else None)
-    return Config(**vars(parser.parse_args(argv)))
-
-
-# ----------------------------------------------------------------------------- data
-class Images(Dataset):
-    """uint8 images (N, C, H, W) and labels; normalised, with random crop and flip for training.
-
-    The augmentation of an image depends only on (seed, epoch, index), not on the global RNG, so a
-    resumed run sees the same crops as an uninterrupted one, whatever the number of workers.
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: tuple, std: tuple, train: bool) -> None:
-        self.images, self.labels, self.train = images, labels.long(), train
-        self.mean, self.std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
-        self.seed = self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = (self.images[index].float() / 255 - self.mean) / self.std
-        if self.train:
-            g = torch.Generator().manual_seed((self.seed * 1_000 + self.epoch) * len(self) + index)
-            h, w = x.shape[-2:]
-            top, left, flip = torch.randint(0, 9, (3,), generator=g).tolist()
-            x = F.pad(x, (4, 4, 4, 4))[:, top:top + h, left:left + w]
-            if flip % 2:
-                x = x.flip(-1)
-        return x, self.labels[index]
-
-
-def read_cifar10(root: str) -> tuple[torch.Tensor, ...]:
-    """CIFAR-10's python batches under ``root/cifar-10-batches-py`` (downloaded when missing)."""
-    folder = os.path.join(root, "cifar-10-batches-py")
-    if not os.path.isdir(folder):
-        from torchvision.datasets import CIFAR10
-
+            parser.add_argument(flag, type=type(defaults[f.name]), default=defaults[f.name],
+                                choices=meta.get("choices"), help=help_text)
+    args = parser.parse_args(argv)
+    if args.config:
         try:
-            CIFAR10(root, train=True, download=True)
-        except (OSError, RuntimeError) as error:  # URLError is an OSError
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise SystemExit(f"error: could not download CIFAR-10 into {root!r} ({reason}); the network may be "
-                             "unreachable: put cifar-10-batches-py/ there, or use --dataset fashion-mnist or synthetic")
-
-    def load(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        with open(os.path.join(folder, name), "rb") as f:
-            batch = pickle.load(f, encoding="latin1")
-        images = torch.from_numpy(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        return images, torch.tensor(batch["labels"])
-
-    train = [load(f"data_batch_{i}") for i in range(1, 6)]
-    test_images, test_labels = load("test_batch")
-    return torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), test_images, test_labels
-
-
-def read_idx(path: str) -> torch.Tensor:
-    """An IDX file of unsigned bytes (MNIST's format), gzipped or not."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    if data[:3] != b"\0\0\x08":
-        raise SystemExit(f"error: {path} is not an IDX file of unsigned bytes")
-    ndim = data[3]
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
+            loaded = yaml.safe_load(Path(args.config).read_text())  # JSON is YAML too
+        except (OSError, yaml.YAMLError) as error:
+            parser.error(f"--config {args.config}: {error}")
+        if not isinstance(loaded, dict):
+            parser.error(f"--config {args.config}: expected a mapping of option names to values")
+        unknown = sorted(set(k.replace("-", "_") for k in loaded) - set(defaults))
+        if unknown:
+            parser.error(f"--config {args.config}: unknown keys {unknown}; allowed: {sorted(defaults)}")
+        parser.set_defaults(**{k.replace("-", "_"): v for k, v in loaded.items()})
+        args = parser.parse_args(argv)  # flags given on the command line override the file
+    options = {k: v for k, v in vars(args).items() if k != "config"}
+    try:
+        return config_class(**options)
+    except (ValueError, TypeError) as error:
+        parser.error(str(error))
 
 
-def read_fashion_mnist(root: str) -> tuple[torch.Tensor, ...]:
-    def find(stem: str) -> str:
-        for name in (stem, stem + ".gz"):
-            if os.path.exists(os.path.join(root, name)):
-                return os.path.join(root, name)
-        raise SystemExit(f"error: {stem}[.gz] not found in {root!r}: apt-get install dataset-fashion-mnist, or pass --data-dir")
-
-    parts = [read_idx(find(f"{split}-{kind}-idx{dims}-ubyte")) for split in ("train", "t10k")
-             for kind, dims in (("images", 3), ("labels", 1))]
-    return parts[0][:, None], parts[1], parts[2][:, None], parts[3]
-
-
-def load_data(cfg: Config) -> tuple[Dataset, Dataset, int]:
-    """Train set, test set and the number of input channels."""
-    if cfg.dataset == "cifar10":
-        stats = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-        parts = read_cifar10(cfg.data_dir or "data")
-    elif cfg.dataset == "fashion-mnist":
-        stats = (0.2860,), (0.3530,)
-        parts = read_fashion_mnist(cfg.data_dir or FASHION_MNIST_DIR)
-    else:
-        g = torch.Generator().manual_seed(0)
-        stats = (0.5,) * 3, (0.25,) * 3
-        parts = (torch.randint(0, 256, (64, 3, 32, 32), generator=g, dtype=torch.uint8), torch.randint(0, 10, (64,), generator=g),
-                 torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8), torch.randint(0, 10, (16,), generator=g))
-    train_x, train_y, test_x, test_y = parts
-    return Images(train_x, train_y, *stats, train=True), Images(test_x, test_y, *stats, train=False), train_x.shape[1]
+# ----------------------------------------------------------------------------- model
+def create_model(cfg: TimmConfig, info: DatasetInfo) -> nn.Module:
+    """The timm model for ``info``'s images; with the small-image stem for <=32-pixel data."""
+    model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=info.num_classes, in_chans=info.channels)
+    small = cfg.small_stem if cfg.small_stem is not None else info.size <= 32
+    if small:
+        if not (isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "maxpool")):
+            raise SystemExit(f"error: --small-stem needs a ResNet-style model (conv1 + maxpool); {cfg.model} has none: "
+                             "pass --no-small-stem")
+        model.conv1 = nn.Conv2d(info.channels, model.conv1.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    return model
 
 
-# ----------------------------------------------------------------------------- training
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> float:
-    """Top-1 accuracy; torchmetrics gathers every process's counts, so all processes get the same value."""
-    model.eval()
-    accuracy = MulticlassAccuracy(num_classes=10).to(device)
-    for images, labels in loader:
-        accuracy.update(model(images), labels)
-    model.train()
-    return float(accuracy.compute())
-
-
-def main(cfg: Config) -> None:
+# ----------------------------------------------------------------------------- training and evaluation
+def new_accelerator() -> Accelerator:
+    # One per training run, so that each checkpoint holds that run's model and optimizer only.
     # Without a GPU, cpu=True lets `accelerate launch --multi_gpu` run DDP over gloo.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    set_seed(cfg.seed)
-    with accelerator.main_process_first():  # the main process downloads, the others then read
-        train_set, test_set, in_chans = load_data(cfg)
-    model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=10, in_chans=in_chans)
+    return Accelerator(cpu=not torch.cuda.is_available(),
+                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
 
-    qat = CallbackHandler([HashLossCallback(  # QAT
-        method=cfg.method, n_bits=cfg.n_bits, n_functions=cfg.n_functions, skip_first_last=True,
-        loss_weight=cfg.hash_weight, warmup_steps=cfg.warmup_steps,
-        freeze_levels_after_epoch=cfg.freeze_levels_epoch or None)], accelerator, max_steps=cfg.max_steps or None)
-    model = qat.on_init(model)  # QAT: before the optimizer, so that it holds the quantizer's parameters
 
-    levels = {id(p) for p in qat.callbacks[0].quantizer_parameters()}
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, desc: str) -> float:
+    """Top-1 accuracy over the whole test set, the same on every process (no padded duplicates)."""
+    model.eval()
+    correct = total = 0
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+        predictions, labels = accelerator.gather_for_metrics((model(images).argmax(-1), labels))
+        correct += int((predictions == labels).sum())
+        total += labels.numel()
+    model.train()
+    return correct / total
+
+
+def settings_of(cfg: Config, run: str) -> dict[str, Any]:
+    """What a checkpoint of ``run`` must agree on to be resumed."""
+    keys = ("dataset", "train_subset", "method", "n_functions", "layers", "skip_first_last",
+            "batch_size", "seed", "qat_from_scratch", "hash_weight", "warmup_steps")
+    return {"run": run, **{k: getattr(cfg, k, None) for k in keys + ("model", "small_stem")}}
+
+
+def save_checkpoint(accelerator: Accelerator, path: Path, meta: dict[str, Any]) -> None:
+    """``accelerator.save_state`` into a staging folder, then swapped in whole (old or new, never half)."""
+    staged = path.with_name(path.name + ".staged")
+    accelerator.save_state(str(staged))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write(staged / "run.json", json.dumps(meta, indent=1))
+        with atomic_directory(path, keep_other_files=False) as new:
+            for entry in staged.iterdir():
+                entry.rename(new / entry.name)
+        staged.rmdir()
+    accelerator.wait_for_everyone()
+
+
+def train(cfg: Config, run: str, model: nn.Module, data: tuple[ImageTensors, ImageTensors], epochs: int, lr: float,
+          n_bits: int | None, history: list[dict[str, Any]]) -> tuple[nn.Module, float, Accelerator, DataLoader]:
+    """Train ``model`` (in float, or with the hash loss when ``n_bits`` is set); checkpoint every epoch.
+
+    Returns the trained model (unwrapped), its test accuracy, and the run's accelerator and test loader.
+    """
+    accelerator = new_accelerator()
+    callbacks = [] if n_bits is None else [HashLossCallback(  # QAT
+        method=cfg.method, n_bits=n_bits, n_functions=cfg.n_functions, layers=tuple(cfg.layers.split(",")),
+        skip_first_last=cfg.skip_first_last, loss_weight=cfg.hash_weight, warmup_steps=cfg.warmup_steps)]
+    handler = CallbackHandler(callbacks, accelerator, max_steps=cfg.max_steps or None)
+    model = handler.on_init(model)  # QAT: converts the layers before the optimizer exists
+    levels = {id(p) for c in callbacks for p in c.quantizer_parameters()}
     optimizer = torch.optim.SGD([
         {"params": [p for p in model.parameters() if id(p) not in levels], "weight_decay": cfg.weight_decay},
         {"params": [p for p in model.parameters() if id(p) in levels], "weight_decay": 0.0},
-    ], lr=cfg.lr, momentum=0.9, nesterov=True)
-    train_loader = DataLoader(train_set, cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.num_workers)
-    test_loader = DataLoader(test_set, cfg.batch_size, num_workers=cfg.num_workers)
+    ], lr=lr, momentum=0.9, nesterov=True)
+    train_set, test_set = data
+    per_process = cfg.batch_size // accelerator.num_processes
+    train_loader = DataLoader(train_set, per_process, shuffle=True, drop_last=True, num_workers=cfg.num_workers)
+    test_loader = DataLoader(test_set, max(per_process, 256), num_workers=cfg.num_workers)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    checkpoint = os.path.join(cfg.output_dir, "checkpoint")
-    if cfg.resume:
-        accelerator.load_state(cfg.resume)  # on_load runs first and checks the quantization settings
-        qat.print(f"resumed from {cfg.resume} at step {qat.state.global_step}")
 
+    checkpoint = Path(cfg.output_dir) / "checkpoints" / run
+    settings = settings_of(cfg, run)
+    if cfg.resume and checkpoint.exists():
+        meta = json.loads((checkpoint / "run.json").read_text())
+        if meta.get("settings") != settings:
+            diff = {k: (meta.get("settings", {}).get(k), v) for k, v in settings.items()
+                    if meta.get("settings", {}).get(k) != v}
+            raise SystemExit(f"error: checkpoint {checkpoint} was made with other settings (checkpoint, now): {diff}; "
+                             "use the same settings or another --output-dir")
+        accelerator.load_state(str(checkpoint))  # the callbacks check their quantization settings first
+        history[:] = [row for row in history if row["run"] != run] + meta["epochs"]
     steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: --batch-size {cfg.batch_size} x {accelerator.num_processes} processes is more than "
-                         f"the {len(train_set)} training images")
-    total_steps = cfg.epochs * steps_per_epoch  # the schedule's length; --max-steps only stops early
-    start_epoch, skip = divmod(qat.state.global_step, steps_per_epoch)
-    qat.on_train_begin(optimizer=optimizer)
-    for epoch in range(start_epoch, cfg.epochs):
+    total_steps = epochs * steps_per_epoch
+    limit = min(total_steps, cfg.max_steps or total_steps)
+    start_epoch, skip = divmod(handler.state.global_step, steps_per_epoch)
+    if handler.state.global_step >= limit:
+        accelerator.print(f"{run}: checkpoint at step {handler.state.global_step}, nothing left to train")
+    handler.on_train_begin(optimizer=optimizer)
+    main = accelerator.is_local_main_process
+    for epoch in range(start_epoch, epochs):
+        if handler.state.global_step >= limit:
+            break
         train_loader.set_epoch(epoch)  # the seedable sampler's order depends only on (seed, epoch)
-        train_set.seed, train_set.epoch = cfg.seed, epoch
+        train_set.set_epoch(epoch, cfg.seed)
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        bar = tqdm(loader, desc=f"{run} epoch {epoch + 1}/{epochs}", initial=skip, total=steps_per_epoch,
+                   disable=not main, dynamic_ncols=True, leave=False)
         skip = 0
-        qat.on_epoch_begin()
-        for images, labels in loader:
-            lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * qat.state.global_step / total_steps))
+        handler.on_epoch_begin()
+        for images, labels in bar:
+            step_lr = 0.5 * lr * (1 + math.cos(math.pi * handler.state.global_step / total_steps))
             for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = qat.on_loss(F.cross_entropy(model(images), labels))  # QAT: adds the weighted hash loss
+                group["lr"] = step_lr
+            task_loss = F.cross_entropy(model(images), labels)
+            loss = handler.on_loss(task_loss)  # QAT: adds the weighted hash loss
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad()
-            control = qat.on_step_end()  # QAT: counts the step (warm-up, level freezing, --max-steps)
-            if qat.state.global_step % cfg.log_every == 0 or qat.state.global_step == 1:
-                qat.print(f"epoch {epoch} step {qat.state.global_step} loss {loss.item():.4f} "
-                          f"hash loss {float(qat.state.logs.get('hash_loss', math.nan)):.3g} lr {lr:.4f}")
-            if control.should_stop:
+            handler.on_step_end()  # counts the step (warm-up, --max-steps)
+            bar.set_postfix(loss=f"{task_loss.item():.3f}", hash=f"{float(handler.state.logs.get('hash_loss', 0)):.2g}",
+                            lr=f"{step_lr:.4f}", refresh=False)
+            if handler.state.global_step >= limit:
                 break
-        if qat.state.global_step % steps_per_epoch:
-            break  # --max-steps stopped the run inside the epoch: checkpoint below, no epoch end
-        accuracy = evaluate(model, test_loader, accelerator.device)
-        qat.on_evaluate({"accuracy": accuracy})
-        qat.print(f"epoch {epoch}: test accuracy {accuracy:.4f} ({cfg.n_bits}-bit weights)")
-        qat.on_epoch_end()
-        accelerator.save_state(checkpoint)
-        if qat.control.should_stop:
-            break
+        bar.close()
+        finished = handler.state.global_step % steps_per_epoch == 0
+        accuracy = evaluate(model, test_loader, accelerator, f"{run} eval")
+        history.append({"run": run, "epoch": epoch + (1 if finished else handler.state.global_step % steps_per_epoch
+                                                      / steps_per_epoch), "step": handler.state.global_step,
+                        "loss": round(task_loss.item(), 5), "accuracy": accuracy})
+        accelerator.print(f"{run} epoch {epoch + 1}/{epochs} step {handler.state.global_step}: loss "
+                          f"{task_loss.item():.4f}, test accuracy {100 * accuracy:.2f}%")
+        if finished:
+            handler.on_epoch_end()
+        save_checkpoint(accelerator, checkpoint, {"settings": settings, "epochs": [r for r in history if r["run"] == run]})
+    last = [row for row in history if row["run"] == run]
+    accuracy = last[-1]["accuracy"] if last and last[-1]["step"] == handler.state.global_step else None
+    if accuracy is None:
+        accuracy = evaluate(model, test_loader, accelerator, f"{run} eval")
+    return accelerator.unwrap_model(model), accuracy, accelerator, test_loader
 
-    if qat.state.global_step % steps_per_epoch:
-        accelerator.save_state(checkpoint)
-        qat.print(f"stopped at step {qat.state.global_step}: test accuracy "
-                  f"{evaluate(model, test_loader, accelerator.device):.4f} ({cfg.n_bits}-bit weights)")
-    frozen = qat.on_train_end()  # QAT: plain Conv2d layers holding the quantized weights
+
+# ----------------------------------------------------------------------------- runs
+def first_groups(layers: list[tuple[str, torch.Tensor, Any]]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """For ``(name, float weight, quantizer)``: the first channel group's weights and levels (for the chart)."""
+    return [(name, weight.detach().reshape(weight.shape[0], -1)[quantizer.group_index == 0], quantizer.levels()[0])
+            for name, weight, quantizer in layers]
+
+
+def run_all(cfg: Config, build_model: Callable[[Config, DatasetInfo], nn.Module]) -> dict[str, Any]:
+    """Every run ``cfg.mode`` asks for; writes the outputs; returns the results."""
+    set_seed(cfg.seed)
+    accelerator = new_accelerator()
+    with accelerator.main_process_first():  # the main process downloads, the others then read
+        try:
+            train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir or None)
+        except DatasetNotFoundError as error:
+            raise SystemExit(f"error: {error}") from None
+    if cfg.train_subset:
+        train_set = train_set.subset(cfg.train_subset)
+    if cfg.batch_size % accelerator.num_processes or cfg.batch_size > len(train_set):
+        raise SystemExit(f"error: --batch-size {cfg.batch_size} must split evenly over {accelerator.num_processes} "
+                         f"processes and be at most the {len(train_set)} training images")
+    data, out, main = (train_set, test_set), Path(cfg.output_dir), accelerator.is_main_process
+    results: dict[str, Any] = {"config": asdict(cfg), "final": {}, "epochs": []}
+
+    def finish(run: str, kind: str, n_bits: int | None, accuracy: float, saved: Path) -> None:
+        results["final"][run] = {"kind": kind, "n_bits": n_bits, "accuracy": accuracy, "bytes": saved.stat().st_size}
+        if main:
+            atomic_write(out / "results.json", json.dumps(results, indent=1))
+
+    float_model = None
+    if cfg.mode in ("all", "float", "ptq") or (cfg.mode == "qat" and not cfg.qat_from_scratch):
+        set_seed(cfg.seed)
+        float_model, accuracy, acc, loader = train(cfg, "float", build_model(cfg, train_set.info), data, cfg.epochs,
+                                                   cfg.lr, None, results["epochs"])
+        if main:
+            with atomic_directory(out / "float") as folder:
+                acc.save_model(float_model, folder)  # model.safetensors
+        acc.wait_for_everyone()
+        finish("float", "float", None, accuracy, out / "float" / "model.safetensors")
+    for n_bits in cfg.bits if cfg.mode in ("all", "ptq") else ():
+        run = f"ptq-{n_bits}bit"
+        bq = BitQuantizer(float_model, cfg.n_functions, n_bits, method=cfg.method, verbose=main,
+                          layers=tuple({"conv": nn.Conv2d, "linear": nn.Linear}[k] for k in cfg.layers.split(",")))
+        bq.train_hash_functions(n_iter=cfg.ptq_iters)
+        accuracy = evaluate(bq.get_hashed_model(), loader, acc, f"{run} eval")
+        if main:
+            save_quantized(bq, out / run)
+            layers = [(name, bq.modules[name].weight, bq.quantizers[name]) for name in bq.layer_names]
+            plot_levels_over_weights(first_groups(layers), out / f"levels_{run}.png", title=run)
+        accelerator.wait_for_everyone()
+        finish(run, "ptq", n_bits, accuracy, out / run / "model.safetensors")
+    for n_bits in cfg.bits if cfg.mode in ("all", "qat") else ():
+        run = f"qat-{n_bits}bit"
+        set_seed(cfg.seed)
+        start = build_model(cfg, train_set.info) if cfg.qat_from_scratch else copy.deepcopy(float_model)
+        epochs, lr = (cfg.epochs, cfg.lr) if cfg.qat_from_scratch else (cfg.qat_epochs, cfg.qat_lr)
+        model, accuracy, acc, _ = train(cfg, run, start, data, epochs, lr, n_bits, results["epochs"])
+        if main:
+            save_quantized(model, out / run)
+            layers = [(name, layer.weight, layer.quantizer) for name, layer in quantized_layers(model)]
+            plot_levels_over_weights(first_groups(layers), out / f"levels_{run}.png", title=run)
+        acc.wait_for_everyone()
+        finish(run, "qat", n_bits, accuracy, out / run / "model.safetensors")
+
+    if main:
+        final = results["final"]
+        plot_accuracy_per_epoch(results["epochs"], out / "accuracy_per_epoch.png",
+                                reference={r: v["accuracy"] for r, v in final.items() if v["kind"] == "ptq"})
+        if len(cfg.bits) > 1:
+            plot_accuracy_vs_bits(final, out / "accuracy_vs_bits.png")
+        print_table(final, out)
     accelerator.wait_for_everyone()
-    accelerator.save_model(frozen, cfg.output_dir)  # model.safetensors, loads without timm_qconv
-    if accelerator.is_main_process:  # atomically: a temporary file, then a rename
-        path = os.path.join(cfg.output_dir, "config.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(asdict(cfg), f, indent=1)
-        os.replace(path + ".tmp", path)
-    qat.print(f"saved {cfg.output_dir}/model.safetensors and the last checkpoint in {checkpoint}")
     accelerator.end_training()  # every process leaves the process group together
+    return results
+
+
+def print_table(final: dict[str, dict[str, Any]], out: Path) -> None:
+    float_accuracy = final.get("float", {}).get("accuracy")
+    lines = [f"{'run':<12} {'bits':>4} {'accuracy':>9} {'vs float':>9} {'size':>10}"]
+    for run, row in final.items():
+        drop = "" if float_accuracy is None or run == "float" else f"{100 * (row['accuracy'] - float_accuracy):+.2f} pt"
+        bits = "32" if row["n_bits"] is None else str(row["n_bits"])
+        lines.append(f"{run:<12} {bits:>4} {100 * row['accuracy']:>8.2f}% {drop:>9} {row['bytes'] / 1024:>7.1f} KiB")
+    print("\n".join(lines))
+    print(f"results: {out / 'results.json'}; charts: {', '.join(str(p) for p in sorted(out.glob('*.png')))}")
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_all(parse_args(), create_model)
+    sys.exit(0)
