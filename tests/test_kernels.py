@@ -1,13 +1,22 @@
 """The kernel backends give the same quantized weights and gradients, per layer and batched."""
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from timm_qconv import QuantConv2d, QuantLinear, hash_loss, quantize_model
-from timm_qconv._batched import _plan, attach, take_prefetched
+import timm_qconv
+from timm_qconv import QuantConv2d, QuantLinear, hash_loss, quantize_model, set_kernel_backend
+from timm_qconv._batched import BatchedPath, batched_path
 from timm_qconv._kernels import compiler_works, get_backend, set_backend
+from timm_qconv.layers import WeightOverride
+
+
+def _plan(model: nn.Module) -> list:
+    return batched_path(model).plan(model)
 
 
 @pytest.fixture
@@ -40,7 +49,7 @@ def mixed_model() -> nn.Module:
                           QuantConv2d(6, 6, 1, method="hash", n_bits=2, n_functions=2, mode="float"),
                           QuantConv2d(6, 6, 1, method="hash", n_bits=2, n_functions=1), nn.Flatten(),
                           QuantLinear(216, 4, method="linear", n_bits=2))  # not nearest: computes its own weight
-    attach(model)
+    set_kernel_backend(get_backend(), model)
     return model
 
 
@@ -56,7 +65,7 @@ def test_compiled_backend_matches_eager_forward_and_gradients(compiled_backend, 
     model = make_model()
     eager_model = copy.deepcopy(model)
     out, grads = run(model, x)  # compiled backend: the model's pre-hook batches every layer
-    set_backend("eager")
+    set_kernel_backend("eager", eager_model)
     ref_out, ref_grads = run(eager_model, x)
     assert torch.equal(out, ref_out), "the batched compiled forward differs from the eager one"
     assert grads.keys() == ref_grads.keys(), f"gradients reached {sorted(grads)} vs {sorted(ref_grads)}"
@@ -64,19 +73,39 @@ def test_compiled_backend_matches_eager_forward_and_gradients(compiled_backend, 
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_prefetched_weight_is_not_used_once_the_weight_changed(compiled_backend):
+def test_weight_override_is_not_used_once_the_weight_changed(compiled_backend):
     model = quantize_model(small_model()[:3], n_bits=2, n_functions=2)
     conv = model[0]
-    conv._prefetched_weight = (torch.zeros_like(conv.weight), conv.weight, conv.weight._version)
+    zeros = torch.zeros_like(conv.weight)
+    conv.weight_override = WeightOverride(zeros, conv.weight, conv.weight._version)
     with torch.no_grad():
         conv.weight.add_(1.0)  # an optimizer step in between
-    assert take_prefetched(conv) is None, "a stale prefetched weight was handed out"
-    conv._prefetched_weight = (torch.zeros_like(conv.weight), conv.weight, conv.weight._version)
-    assert take_prefetched(conv) is not None and take_prefetched(conv) is None, "a prefetched weight must be used once"
+    assert conv.quantized_weight() is not zeros, "a stale override was handed out"
+    conv.weight_override = WeightOverride(zeros, conv.weight, conv.weight._version)
+    assert conv.quantized_weight() is zeros and conv.quantized_weight() is not zeros, "an override must be used once"
+
+
+def test_eager_model_gets_no_hooks_and_a_bad_environment_fails_at_use_not_import(monkeypatch):
+    model = quantize_model(small_model()[:3], n_bits=2, n_functions=2, kernels="eager")
+    assert batched_path(model) is None and not model._forward_pre_hooks, "an eager model carries the batched hooks"
+    assert not {k for k in vars(model) if k.startswith("_timm_qconv")}, "hidden attributes left on the model"
+    monkeypatch.setenv("TIMM_QCONV_KERNELS", "fast")
+    monkeypatch.setattr("timm_qconv._kernels._default", None)
+    subprocess.run([sys.executable, "-c", "import timm_qconv"], check=True, env={**os.environ})
+    with pytest.raises(ValueError, match="TIMM_QCONV_KERNELS='fast'.*auto.*eager.*compiled"):
+        quantize_model(small_model()[:3], n_bits=2, n_functions=2)
+
+
+def test_a_model_keeps_its_backend_when_the_default_changes(compiled_backend):
+    model = quantized_small_model()
+    set_backend("eager")
+    assert timm_qconv.get_kernel_backend(model) == "compiled" and batched_path(model) is not None
+    set_kernel_backend("eager", model)
+    assert timm_qconv.get_kernel_backend(model) == "eager" and batched_path(model) is None
 
 
 def test_batches_group_layers_by_quantizer_class_and_bits():
-    batches = _plan(mixed_model())
+    batches = BatchedPath("compiled").plan(mixed_model())
     kinds = sorted((type(b.layers[0].quantizer).__name__, b.layers[0].quant_config.n_bits, len(b.layers)) for b in batches)
     assert kinds == [("HashQuantizer", 2, 1), ("HashQuantizer", 2, 2), ("HashQuantizer", 3, 1),
                      ("KMeansQuantizer", 3, 1), ("LogQuantizer", 2, 1)], kinds  # the "float"-mode layer apart
@@ -94,7 +123,7 @@ def test_compiled_hash_loss_matches_eager_value_and_gradients(compiled_backend, 
     eager_model = copy.deepcopy(model)
     loss = hash_loss(model)  # the covered layers in one pass over the weights
     loss.backward()
-    set_backend("eager")
+    set_kernel_backend("eager", eager_model)
     ref = hash_loss(eager_model)
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0.0)
@@ -129,12 +158,11 @@ def test_compiled_training_reuses_weight_buffers_and_keeps_them_for_live_graphs(
     (model(x).square().sum() + model(x2).square().sum()).backward()
     assert taken[-2][1] and not taken[-1][1], "the second forward took the buffers the first still used"
     assert not {t.data_ptr() for t in taken[-1][0]} & set(kept)
-    set_backend("eager")
+    set_kernel_backend("eager", eager_model)
     (eager_model(x).square().sum() + eager_model(x2).square().sum()).backward()
     for (name, p), (_, ref) in zip(model.named_parameters(), eager_model.named_parameters()):
         torch.testing.assert_close(p.grad, ref.grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     # A forward whose graph is dropped without a backward leaves the buffers free for the next one.
-    set_backend("compiled")
     model(x)
     train_step(model, x)
     assert taken[-1][1], "a dropped graph kept the buffers"
@@ -181,7 +209,7 @@ def test_auto_backend_falls_back_to_eager_with_a_warning(monkeypatch):
         with pytest.warns(RuntimeWarning, match="no C.. compiler found.*eager kernels"):
             out = train_step(model, x)
         assert _plan(model)[0].buffers is None, "the batched path ran without a compiler"
-        set_backend("eager")
+        set_kernel_backend("eager", eager_model)
         torch.testing.assert_close(out, train_step(eager_model, x))
         for (name, p), (_, ref) in zip(model.named_parameters(), eager_model.named_parameters()):
             torch.testing.assert_close(p.grad, ref.grad, msg=lambda m, n=name: f"{n}: {m}")

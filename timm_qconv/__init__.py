@@ -5,8 +5,7 @@ from .callbacks import BitQuantizerCallback, CallbackHandler, HashLossCallback, 
 from .config import QuantConfig
 from .convert import freeze_model, hash_loss, plan_quantization, quantizeModel, quantize_model, quantized_layers
 from .export import load_quantized, save_quantized
-from ._kernels import get_backend as get_kernel_backend
-from ._kernels import set_backend as set_kernel_backend
+from .backend import get_kernel_backend, kernel_backend, set_kernel_backend
 from .hookspecs import hookimpl
 from .layers import QuantConv2d, QuantLinear, QuantMixin
 from .methods import HashConfig, KMeansConfig, LinearConfig, LogConfig, PolyConfig, Quantizer
@@ -19,5 +18,6 @@ __all__ = [
     "register_method", "hookimpl", "quantize_model", "quantizeModel", "freeze_model", "hash_loss",
     "plan_quantization", "BitQuantizer", "quantized_layers", "__version__",
     "save_quantized", "load_quantized", "set_kernel_backend", "get_kernel_backend",
+    "kernel_backend",
     "QuantCallback", "CallbackHandler", "HashLossCallback", "BitQuantizerCallback", "TrainState", "TrainControl",
 ]

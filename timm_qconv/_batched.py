@@ -3,13 +3,14 @@
 Per layer, recomputing the quantized weight costs a handful of small framework calls (the levels
 from the quantizer's parameters, the per-channel table, the gradient scale) on top of the fused
 kernel, and as many autograd nodes in the backward; across a ResNet's 36 convs that fixed cost
-is as large as the kernels themselves. With the ``"compiled"`` or ``"auto"`` backend (see
-:mod:`timm_qconv._kernels`), :func:`attach` gives the
-model a forward pre-hook that, per quantizer class and bit width, computes all layers' levels in
-one call (:meth:`Quantizer.batched_levels`) and all their quantized weights in one compiled call,
-with one compiled backward; each layer takes its result. A layer whose weight changed since, or
-that runs outside the model's own forward, computes its weight itself as before. Results never
-outlive the forward that made them.
+is as large as the kernels themselves. A model converted for the ``"compiled"`` or ``"auto"``
+backend (see :mod:`timm_qconv._kernels`) gets, from :func:`add_hooks`, a forward pre-hook that,
+per quantizer class and bit width, computes all layers' levels in one call
+(:meth:`Quantizer.batched_levels`) and all their quantized weights in one compiled call, with one
+compiled backward; each layer takes its result from its ``weight_override`` slot. A layer whose
+weight changed since, or that runs outside the model's own forward, computes its weight itself as
+before. Results never outlive the forward that made them. A model converted for ``"eager"`` gets
+no hooks at all.
 
 :func:`hash_loss` does the same for the hash loss: one pass over all the weights gathers each
 level's weight count, weight sum and squared error, from which the loss and its gradient in the
@@ -25,10 +26,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ._kernels import MAX_COMPILED_LEVELS, _fused_backward, _fused_forward, get_backend, use_batched
-
-_HANDLES = "_timm_qconv_batch_hooks"
-_PLAN = "_timm_qconv_batch_plan"
+from ._kernels import MAX_COMPILED_LEVELS, _fused_backward, _fused_forward, use_batched
+from .layers import QuantMixin, WeightOverride
 
 
 def _as_rows(weights: list[Tensor], levels: Tensor, row_group: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -121,11 +120,6 @@ class _Batch:
     def ste(self) -> bool:
         return self.layers[0].mode == "ste"
 
-    @property
-    def compiled(self) -> bool:
-        """Whether the kernel backend sends this batch through the compiled kernels now."""
-        return use_batched(self.row_group.device, self.layers[0].quant_config.n_levels)
-
     def levels(self) -> Tensor:
         quantizers = [layer.quantizer for layer in self.layers]
         with torch.autocast(self.row_group.device.type, enabled=False):  # float32 under autocast too
@@ -146,15 +140,13 @@ class _Batch:
         return self.buffers, True
 
 
-def _eligible(module: nn.Module) -> list[nn.Module]:
-    from .layers import QuantMixin
-
+def _eligible(module: nn.Module) -> list[QuantMixin]:
     return [m for m in module.modules()
             if isinstance(m, QuantMixin) and m.quantizer is not None and m.quantizer.nearest
             and m.quant_config.n_levels <= MAX_COMPILED_LEVELS and m.weight.dtype == torch.float32]
 
 
-def _make_batch(layers: list[nn.Module]) -> _Batch:
+def _make_batch(layers: list[QuantMixin]) -> _Batch:
     row_group, scale, inv_numel, offset = [], [], [], 0
     for layer in layers:
         quantizer = layer.quantizer
@@ -166,86 +158,113 @@ def _make_batch(layers: list[nn.Module]) -> _Batch:
     return _Batch(layers, torch.cat(row_group), torch.cat(scale).to(device), torch.cat(inv_numel).to(device))
 
 
-def _plan(model: nn.Module) -> list[_Batch]:
-    """The model's batches, rebuilt only when its quantized layers, quantizers, modes or devices change."""
-    layers = _eligible(model)
-    key = [(layer, layer.quantizer, layer.mode, layer.weight.shape, layer.weight.dtype, layer.weight.device)
-           for layer in layers]
-    cached = model.__dict__.get(_PLAN)
-    if cached is not None and len(cached[0]) == len(key) and all(
-            a[0] is b[0] and a[1] is b[1] and a[2:] == b[2:] for a, b in zip(cached[0], key)):
-        return cached[1]
-    by_kind: dict[tuple, list[nn.Module]] = {}
-    for layer in layers:
-        by_kind.setdefault((type(layer.quantizer), layer.quant_config.n_bits, layer.mode), []).append(layer)
-    batches = [_make_batch(group) for group in by_kind.values()]
-    model.__dict__[_PLAN] = (key, batches)
-    return batches
+class BatchedPath:
+    """The batched path of one model: its kernel backend, its hooks and its plan of batches.
+
+    Held by the model's forward hooks only (no attribute on the model), so it goes wherever the
+    model goes: ``copy.deepcopy`` and pickling take it along, :func:`remove_hooks` takes it off.
+    """
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self._key: list[tuple] = []
+        self._batches: list[_Batch] = []
+        self._handles: tuple = ()
+
+    def plan(self, model: nn.Module) -> list[_Batch]:
+        """The model's batches, rebuilt only when its quantized layers, quantizers, modes or devices change."""
+        layers = _eligible(model)
+        key = [(layer, layer.quantizer, layer.mode, layer.weight.shape, layer.weight.dtype, layer.weight.device)
+               for layer in layers]
+        if len(self._key) == len(key) and all(
+                a[0] is b[0] and a[1] is b[1] and a[2:] == b[2:] for a, b in zip(self._key, key)):
+            return self._batches
+        by_kind: dict[tuple, list[QuantMixin]] = {}
+        for layer in layers:
+            by_kind.setdefault((type(layer.quantizer), layer.quant_config.n_bits, layer.mode), []).append(layer)
+        self._key, self._batches = key, [_make_batch(group) for group in by_kind.values()]
+        return self._batches
+
+    def compiled(self, batch: _Batch) -> bool:
+        """Whether the backend sends ``batch`` through the compiled kernels now."""
+        return use_batched(self.backend, batch.row_group.device, batch.layers[0].quant_config.n_levels)
+
+    def before_forward(self, model: nn.Module, args: Any) -> None:
+        """Forward pre-hook: fill each covered layer's ``weight_override`` from one call per batch."""
+        if not model.training or not torch.is_grad_enabled() or getattr(model, "grad_checkpointing", False):
+            return
+        for batch in self.plan(model):
+            if not batch.ste or not self.compiled(batch):  # "float"-mode layers train on their float weights
+                continue
+            quantized = _LookupAll.apply(batch, batch.levels(), *[layer.weight for layer in batch.layers])
+            for layer, q in zip(batch.layers, quantized):
+                layer.weight_override = WeightOverride(q, layer.weight, layer.weight._version)
+
+    def after_forward(self, model: nn.Module, args: Any, output: Any) -> None:
+        """Forward hook (also when the forward raised): results never outlive the forward."""
+        for batch in self._batches:  # the layers before_forward can have served
+            for layer in batch.layers:
+                layer.weight_override = None
+
+    def hash_loss(self, model: nn.Module) -> tuple[Tensor | None, list[nn.Module]]:
+        """See :func:`hash_loss`."""
+        total, covered = None, []
+        for batch in self.plan(model):
+            if not self.compiled(batch):
+                continue
+            levels = batch.levels()
+            frozen = levels.detach()
+            with torch.no_grad():
+                weights = [layer.weight.detach() for layer in batch.layers]
+                stats_of = _compiled_all()[2]
+                per_channel = torch.cat([stats_of(rows, table) for rows, table in _as_rows(weights, frozen, batch.row_group)])
+                stats = levels.new_zeros(levels.shape[0], per_channel.shape[1]).index_add_(0, batch.row_group, per_channel)
+            n_levels = levels.shape[1]
+            count, weight_sum, error = stats[:, :n_levels], stats[:, n_levels:-1], stats[:, -1]
+            per_group = error + (2 * (count * frozen - weight_sum) * (levels - frozen)).sum(1)
+            term = (per_group * batch.inv_numel).sum()
+            total = term if total is None else total + term
+            covered += batch.layers
+        return total, covered
 
 
-def _prefetch(model: nn.Module, args: Any) -> None:
-    if (get_backend() == "eager" or not model.training or not torch.is_grad_enabled()
-            or getattr(model, "grad_checkpointing", False)):
-        return
-    for batch in _plan(model):
-        if not batch.ste or not batch.compiled:  # "float"-mode layers train on their float weights
-            continue
-        quantized = _LookupAll.apply(batch, batch.levels(), *[layer.weight for layer in batch.layers])
-        for layer, q in zip(batch.layers, quantized):
-            layer._prefetched_weight = (q, layer.weight, layer.weight._version)
+def batched_path(model: nn.Module) -> BatchedPath | None:
+    """The batched path :func:`add_hooks` gave ``model``, or ``None``."""
+    for hook in model._forward_pre_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, BatchedPath):
+            return owner
+    return None
 
 
 def hash_loss(model: nn.Module) -> tuple[Tensor | None, list[nn.Module]]:
     """The summed hash loss of the layers the compiled kernels cover, from one pass over their
-    weights, and those layers (``(None, [])`` with the eager backend).
+    weights, and those layers (``(None, [])`` without a batched path or with the eager backend).
 
     Equal to the sum of their :meth:`~timm_qconv.layers.QuantMixin.hash_loss` (weights
     detached): per level, the value is the squared error of the weights that take it and the
     gradient ``2 * (n * level - sum)``, from the level's weight count ``n`` and weight sum.
     """
-    total, covered = None, []
-    for batch in _plan(model) if get_backend() != "eager" else ():
-        if not batch.compiled:
-            continue
-        levels = batch.levels()
-        frozen = levels.detach()
-        with torch.no_grad():
-            weights = [layer.weight.detach() for layer in batch.layers]
-            per_channel = torch.cat([_compiled_all()[2](rows, table) for rows, table in _as_rows(weights, frozen, batch.row_group)])
-            stats = levels.new_zeros(levels.shape[0], per_channel.shape[1]).index_add_(0, batch.row_group, per_channel)
-        n_levels = levels.shape[1]
-        count, weight_sum, error = stats[:, :n_levels], stats[:, n_levels:-1], stats[:, -1]
-        per_group = error + (2 * (count * frozen - weight_sum) * (levels - frozen)).sum(1)
-        term = (per_group * batch.inv_numel).sum()
-        total = term if total is None else total + term
-        covered += batch.layers
-    return total, covered
+    path = batched_path(model)
+    return (None, []) if path is None else path.hash_loss(model)
 
 
-def _discard(model: nn.Module, args: Any, output: Any) -> None:
-    for batch in model.__dict__.get(_PLAN, (None, ()))[1]:  # the layers _prefetch can have served
-        for layer in batch.layers:
-            layer.__dict__.pop("_prefetched_weight", None)
+def add_hooks(model: nn.Module, backend: str) -> BatchedPath:
+    """Give ``model`` the batched path for ``backend`` (not ``"eager"``), replacing any earlier one."""
+    if backend == "eager":
+        raise ValueError("backend='eager' has no batched path; call remove_hooks instead")
+    remove_hooks(model)
+    path = BatchedPath(backend)
+    path._handles = (model.register_forward_pre_hook(path.before_forward),
+                     model.register_forward_hook(path.after_forward, always_call=True))
+    return path
 
 
-def take_prefetched(layer: nn.Module) -> Tensor | None:
-    """The layer's weight from this forward's batched call, if it is still current."""
-    entry = layer.__dict__.pop("_prefetched_weight", None)
-    if entry is None or not layer.training:
-        return None
-    q, weight, version = entry
-    return q if weight is layer.weight and weight._version == version else None
-
-
-def attach(model: nn.Module) -> None:
-    """Give ``model`` the hooks that batch its layers' weight quantization (idempotent)."""
-    if _HANDLES not in model.__dict__:
-        model.__dict__[_HANDLES] = (model.register_forward_pre_hook(_prefetch),
-                                    model.register_forward_hook(_discard, always_call=True))
-
-
-def detach(model: nn.Module) -> None:
-    """Remove the hooks of :func:`attach`."""
-    for handle in model.__dict__.pop(_HANDLES, ()):
+def remove_hooks(model: nn.Module) -> None:
+    """Take the batched path's hooks off ``model`` (nothing happens without them)."""
+    path = batched_path(model)
+    if path is None:
+        return
+    for handle in path._handles:
         handle.remove()
-    model.__dict__.pop(_PLAN, None)
+    path.after_forward(model, (), None)

@@ -20,17 +20,22 @@ Backends:
   compiler. Compiling takes about a minute once per model at 2-3 bits and several minutes at 4
   bits (cached on disk by PyTorch), which is why ``"auto"`` stops at 3 bits.
 
-Select one with :func:`set_backend` or the environment variable ``TIMM_QCONV_KERNELS``. The
-batched path that "auto" and "compiled" use has limits the eager one has not (see
-:mod:`timm_qconv._batched`), which is why it is not the default.
+The backend in force is, from the innermost: the one of :func:`use_backend` (a ``with`` block;
+a quantized layer converted for a backend runs its kernels under it), else the process default
+of :func:`set_backend`, else the environment variable ``TIMM_QCONV_KERNELS`` (read when first
+needed, so that a bad value fails there with a clear message, not at ``import timm_qconv``),
+else ``"eager"``. The batched path that "auto" and "compiled" use has limits the eager one has
+not (see :mod:`timm_qconv._batched`), which is why it is not the default.
 Inside a ``torch.compile``d model the eager formulation is traced and fused with the model.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -42,25 +47,46 @@ BACKENDS = ("auto", "eager", "compiled")
 MAX_COMPILED_LEVELS = 16
 #: "auto" compiles for up to 3 bits: for resnet34 that takes about a minute, 4 bits several.
 AUTO_MAX_LEVELS = 8
-_backend = check_choice("TIMM_QCONV_KERNELS", os.environ.get("TIMM_QCONV_KERNELS", "eager"), BACKENDS)
+ENV_VAR = "TIMM_QCONV_KERNELS"
+_default: str | None = None  # set_backend's choice; None: the environment variable, else "eager"
+_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("timm_qconv_kernels", default=None)
 
 
 def set_backend(backend: str) -> None:
-    """Choose how quantized layers compute their weights: ``"auto"``, ``"eager"`` or ``"compiled"``."""
-    global _backend
-    _backend = check_choice("backend", backend, BACKENDS)
+    """Choose the process default: ``"auto"``, ``"eager"`` or ``"compiled"``."""
+    global _default
+    _default = check_choice("backend", backend, BACKENDS)
+
+
+def default_backend() -> str:
+    """The process default: :func:`set_backend`'s choice, else ``TIMM_QCONV_KERNELS``, else ``"eager"``."""
+    if _default is not None:
+        return _default
+    return check_choice(ENV_VAR, os.environ.get(ENV_VAR, "eager"), BACKENDS)
 
 
 def get_backend() -> str:
-    return _backend
+    """The backend in force here: the innermost :func:`use_backend`, else the process default."""
+    scoped = _scoped.get()
+    return scoped if scoped is not None else default_backend()
 
 
-def use_batched(device: torch.device, n_levels: int) -> bool:
-    """Whether a converted model's layers with ``n_levels`` levels take the batched compiled path
-    in training forwards and the hash loss."""
-    if _backend == "eager" or torch.compiler.is_compiling() or n_levels > MAX_COMPILED_LEVELS:
+@contextlib.contextmanager
+def use_backend(backend: str) -> Iterator[str]:
+    """Run the ``with`` block's kernels with ``backend`` (this thread or task only)."""
+    token = _scoped.set(check_choice("backend", backend, BACKENDS))
+    try:
+        yield backend
+    finally:
+        _scoped.reset(token)
+
+
+def use_batched(backend: str, device: torch.device, n_levels: int) -> bool:
+    """Whether layers with ``n_levels`` levels of a model converted for ``backend`` take the batched
+    compiled path in training forwards and the hash loss."""
+    if backend == "eager" or torch.compiler.is_compiling() or n_levels > MAX_COMPILED_LEVELS:
         return False
-    if _backend == "compiled":
+    if backend == "compiled":
         return True
     return n_levels <= AUTO_MAX_LEVELS and compiler_works(device.type)
 
@@ -111,7 +137,9 @@ def _compiled(n_levels: int) -> tuple[Callable[..., Tensor], Callable[..., Tenso
 
 
 def _use_compiled(table: Tensor) -> bool:
-    return _backend == "compiled" and table.shape[1] <= MAX_COMPILED_LEVELS and not torch.compiler.is_compiling()
+    if torch.compiler.is_compiling() or table.shape[1] > MAX_COMPILED_LEVELS:
+        return False
+    return get_backend() == "compiled"
 
 
 class _NearestLookup(torch.autograd.Function):

@@ -17,14 +17,16 @@ from torch import Tensor, nn
 
 from . import _batched
 from ._errors import check_choice, check_module, closest
+from ._kernels import BACKENDS, default_backend
 from ._registry import make_config
 from .config import QuantConfig
+from .backend import set_kernel_backend
 from .layers import MODES, QUANT_LAYERS, QuantMixin
 from .plugins import call_hook
 
 FilterFn = Callable[[nn.Module, str], bool]
 _LAYER_NAMES = {"conv": nn.Conv2d, "conv2d": nn.Conv2d, "linear": nn.Linear}
-_CONVERT_ARGS = {"method", "layers", "avoid", "skip_first_last", "mode", "filter_fn"}
+_CONVERT_ARGS = {"method", "layers", "avoid", "skip_first_last", "mode", "filter_fn", "kernels"}
 
 
 def _as_layer_types(layers: Any) -> tuple[type[nn.Module], ...]:
@@ -194,6 +196,7 @@ def quantize_model(
     skip_first_last: bool = False,
     mode: str = "ste",
     filter_fn: FilterFn | None = None,
+    kernels: str | None = None,
     **options: Any,
 ) -> nn.Module:
     """Replace the model's Conv2d (and, when asked, Linear) layers with quantized ones, in place.
@@ -209,6 +212,8 @@ def quantize_model(
             ``first_conv``/``classifier`` when the model has them).
         mode: ``"ste"`` or ``"float"`` training, see :mod:`timm_qconv.layers`.
         filter_fn: ``filter_fn(module, name) -> bool``; only layers it accepts are quantized.
+        kernels: the kernel backend this model's layers use, ``"eager"``, ``"compiled"`` or
+            ``"auto"`` (``None``: the process default, see :mod:`timm_qconv.backend`).
         **options: the method's own options.
     Returns:
         the same model object, converted. Plugins may keep a layer in float or change its options
@@ -216,6 +221,7 @@ def quantize_model(
     """
     config = make_config(method, n_bits=n_bits, n_functions=n_functions, **options)
     check_choice("mode", mode, MODES)
+    kernels = default_backend() if kernels is None else check_choice("kernels", kernels, BACKENDS)
     chosen = plan_quantization(model, layers, avoid, skip_first_last, filter_fn)
     modules = dict(model.named_modules())
     check_finite(modules, chosen)  # everything is checked before anything is built
@@ -226,7 +232,7 @@ def quantize_model(
         module = modules[fqn]
         replacements[id(module)] = QUANT_LAYERS[type(module)].from_float(module, method=layer_config, mode=mode)
     _set_everywhere(model, replacements)
-    _batched.attach(model)
+    set_kernel_backend(kernels, model)
     call_hook("after_quantize", model=model, layers=list(configs))
     return model
 
@@ -264,7 +270,7 @@ def freeze_model(model: nn.Module) -> nn.Module:
         model = model.to_float()
     else:
         _set_everywhere(model, {id(m): m.to_float() for _, m in quantized_layers(model)})
-        _batched.detach(model)
+        _batched.remove_hooks(model)
     call_hook("after_freeze", model=model)
     return model
 

@@ -10,21 +10,52 @@ forward runs the ordinary ``conv2d``/``linear`` on a transformed weight, as timm
   learns only through the hash loss (:meth:`QuantMixin.hash_loss`).
 
 In eval mode both modes use the quantized weight.
+
+Two plain attributes let code outside the layer steer its next weight without the layer knowing
+who does it (the layer imports nothing from the model-level batched path):
+
+* ``weight_override``: a :class:`WeightOverride` holding this layer's quantized weight, already
+  computed elsewhere (the batched path computes all of a model's layers in one call). The next
+  training forward takes it, once, if the float weight is still the one it was computed from;
+  otherwise the layer computes its weight itself.
+* ``kernels``: the kernel backend this layer's own weight computation runs under (``None``: the
+  one in force, see :mod:`timm_qconv._kernels`); set per model by ``quantize_model``.
 """
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._batched import take_prefetched
 from ._errors import check_choice
+from ._kernels import use_backend
 from ._registry import config_owner, make_config
 from .config import QuantConfig
 from .methods.base import Quantizer
 
 MODES = ("ste", "float")
+
+
+@dataclass
+class WeightOverride:
+    """A quantized weight computed outside the layer for its next training forward.
+
+    Args:
+        quantized: the quantized weight, with its graph (the layer's shape and dtype).
+        source: the float weight parameter it was computed from.
+        version: ``source._version`` at that time; an in-place change since makes it stale.
+    """
+
+    quantized: Tensor
+    source: Tensor
+    version: int
+
+    def is_current(self, weight: Tensor) -> bool:
+        """Whether it was computed from ``weight`` as it is now."""
+        return self.source is weight and weight._version == self.version
 
 
 class QuantMixin:
@@ -34,6 +65,8 @@ class QuantMixin:
     quant_config: QuantConfig
     quantizer: Quantizer | None
     mode: str
+    weight_override: WeightOverride | None = None
+    kernels: str | None = None
     _float_class: type[nn.Module]
 
     def _setup_quant(self, method: Any, n_bits: int | None, n_functions: int | None, mode: str, options: dict) -> None:
@@ -51,9 +84,17 @@ class QuantMixin:
         self.quantizer = config_owner(self.quant_config)(weight, self.quant_config)
 
     def quantized_weight(self) -> Tensor:
-        """The weight as used in eval: quantized, with the straight-through gradient."""
-        prefetched = take_prefetched(self)  # computed with all the model's layers at once, if any
-        return prefetched if prefetched is not None else self.quantizer(self.weight, ste=True)
+        """The weight as used in eval: quantized, with the straight-through gradient.
+
+        A current :attr:`weight_override` stands in for it in a training forward, once.
+        """
+        override = self.weight_override
+        if override is not None:
+            self.weight_override = None
+            if self.training and override.is_current(self.weight):
+                return override.quantized
+        with use_backend(self.kernels) if self.kernels is not None else contextlib.nullcontext():
+            return self.quantizer(self.weight, ste=True)
 
     def forward_weight(self) -> Tensor:
         """The weight this forward uses: float while training in ``"float"`` mode, else quantized."""
