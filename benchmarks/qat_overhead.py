@@ -25,7 +25,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from timm_qconv import hash_loss, quantize_model
-from timm_qconv._kernels import set_backend
 
 
 class _CopyInto(torch.autograd.Function):
@@ -74,12 +73,11 @@ def copy_model(model: nn.Module, read_back: bool = False) -> nn.Module:
     return model
 
 
-def make_step(model: nn.Module, with_hash_loss: bool = False, backend: str = "eager"):
+def make_step(model: nn.Module, with_hash_loss: bool = False):
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     criterion = nn.CrossEntropyLoss()
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
-        set_backend(backend)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = criterion(model(x), y)
@@ -101,13 +99,14 @@ def main() -> None:
 
     torch.manual_seed(0)
     base = timm.create_model("resnet34", pretrained=False, num_classes=10)
-    quant = quantize_model(copy.deepcopy(base), method="hash", n_bits=2, n_functions=32, mode="ste")
+    quant = {backend: quantize_model(copy.deepcopy(base), method="hash", n_bits=2, n_functions=32, mode="ste",
+                                     kernels=backend) for backend in args.backends}
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
     float_step = make_step(base)
     variants = {"floor: weight copy": make_step(copy_model(base)),
                 "floor + read back": make_step(copy_model(base, read_back=True))}
-    variants.update({f"{label}, {backend}": make_step(quant, with_loss, backend)
+    variants.update({f"{label}, {backend}": make_step(quant[backend], with_loss)
                      for backend in args.backends for label, with_loss in (("hash ste", False), ("+ hash loss", True))})
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}x3x32x32, "
           f"{args.steps} alternating steps per pair (float, variant)")

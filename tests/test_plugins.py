@@ -368,3 +368,12 @@ def test_broken_installed_plugin_is_named(env, source, words):
     with pytest.raises(PluginError) as info:
         list_methods()
     assert "installed plugin 'broken'" in str(info.value) and words in str(info.value), str(info.value)
+
+
+def test_builtin_method_lookup_does_not_load_installed_plugins(env):
+    env.install("broken", "raise ImportError('needs a missing package')\n")
+    env.set("broken")
+    assert get_method("hash").name == "hash", "a built-in lookup must not need the installed plugins"
+    assert isinstance(QuantConv2d(3, 4, 3, method="kmeans", n_bits=2).quantizer, get_method("kmeans"))
+    with pytest.raises(PluginError, match="installed plugin 'broken'"):
+        get_method("apot")  # unknown among the built-ins: the installed plugins load, and one fails

@@ -6,6 +6,7 @@ from .config import QuantConfig
 from .convert import freeze_model, hash_loss, plan_quantization, quantizeModel, quantize_model, quantized_layers
 from .export import load_quantized, save_quantized
 from .backend import get_kernel_backend, kernel_backend, set_kernel_backend
+from . import plugins  # noqa: F401  (gives the method registry its loader)
 from .hookspecs import hookimpl
 from .layers import QuantConv2d, QuantLinear, QuantMixin
 from .methods import HashConfig, KMeansConfig, LinearConfig, LogConfig, PolyConfig, Quantizer

@@ -1,8 +1,11 @@
 """The method registry: a dict from name to quantizer class, with ``list_methods``/``get_method``.
 
-Built-in methods add themselves through the same ``register_methods`` hook that plugins use
-(see :mod:`timm_qconv.plugins`); :func:`register_method` is the decorator form for code that
-defines a method directly.
+Built-in methods add themselves through the same ``register_methods`` hook that plugins use;
+:func:`register_method` is the decorator form for code that defines a method directly. This module
+knows nothing of plugins: :mod:`timm_qconv.plugins` discovers them and fills the dict, and gives
+this module its loader (:func:`set_loader`). A lookup loads the built-in methods first and the
+installed plugins only when the name is not found there, so finding ``"hash"`` never depends on
+every installed plugin importing cleanly.
 """
 from __future__ import annotations
 
@@ -20,11 +23,18 @@ _OWNERS: dict[str, str] = {}  # method name -> who registered it, for clash mess
 Q = TypeVar("Q", bound=type)
 
 
-def _ensure_loaded() -> None:
-    """Build the plugin manager once (cached): building it registers the plugins' methods."""
-    from .plugins import get_plugin_manager
+_loader: Callable[[bool], None] | None = None
 
-    get_plugin_manager()
+
+def set_loader(loader: Callable[[bool], None]) -> None:
+    """Set what fills the registry: ``loader(False)`` the built-in methods, ``loader(True)`` all."""
+    global _loader
+    _loader = loader
+
+
+def _ensure_loaded(everything: bool = True) -> None:
+    if _loader is not None:
+        _loader(everything)
 
 
 def add_method(name: str, cls: type["Quantizer"], owner: str = "timm_qconv") -> None:
@@ -84,7 +94,9 @@ def get_method(method: "str | type[Quantizer]") -> type["Quantizer"]:
             f"method={method!r} has type {type(method).__name__}; expected a method name, "
             f"a Quantizer class or a QuantConfig"
         )
-    _ensure_loaded()
+    _ensure_loaded(everything=False)
+    if method not in _METHODS:
+        _ensure_loaded()
     if method not in _METHODS:
         raise ValueError(f"method={method!r} is unknown; known methods: {sorted(_METHODS)}")
     return _METHODS[method]
@@ -104,8 +116,9 @@ def make_config(method: "str | type[Quantizer] | QuantConfig" = "hash", **option
 
 def config_owner(config: QuantConfig) -> "type[Quantizer]":
     """The registered method whose config class is ``type(config)``."""
-    _ensure_loaded()
-    for cls in _METHODS.values():
-        if cls.config_class is type(config):
-            return cls
+    for everything in (False, True):
+        _ensure_loaded(everything)
+        for cls in _METHODS.values():
+            if cls.config_class is type(config):
+                return cls
     raise ValueError(f"config {type(config).__name__} belongs to no registered method; known: {sorted(_METHODS)}")

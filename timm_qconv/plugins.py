@@ -26,7 +26,7 @@ import pluggy
 
 from . import hookspecs
 from ._errors import closest
-from ._registry import add_method, methods_owned_by, remove_method
+from ._registry import add_method, methods_owned_by, remove_method, set_loader
 
 ENV_VAR = "TIMM_QCONV_PLUGINS"
 BUILTIN = "timm_qconv.methods"
@@ -61,29 +61,54 @@ def _entry_points() -> list[importlib.metadata.EntryPoint]:
 
 
 @functools.lru_cache(maxsize=None)
-def get_plugin_manager() -> pluggy.PluginManager:
-    """The process-wide plugin manager, with built-ins and allowed installed plugins registered.
-
-    Building it also fills the method registry. Installed plugins that fail to load raise
-    :class:`PluginError`, and the registry is left as it was.
-    """
+def _builtin_manager() -> pluggy.PluginManager:
+    """The plugin manager with the built-in methods only (they always load)."""
     from . import methods
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
+    _add(pm, methods, BUILTIN)
+    return pm
+
+
+_installed_loaded = False  # whether the allowed installed plugins are registered in _builtin_manager()
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, with built-ins and allowed installed plugins registered.
+
+    Building it also fills the method registry. Installed plugins that fail to load raise
+    :class:`PluginError`, and the registry is left as it was (the built-ins stay); the next call
+    tries again.
+    """
+    global _installed_loaded
+    pm = _builtin_manager()
+    if _installed_loaded:
+        return pm
+    _installed_loaded = True  # a plugin that looks a method up while it loads must not start again
+    added = []
     try:
-        _add(pm, methods, BUILTIN)
         for ep in _entry_points():
             try:
-                _add(pm, ep.load(), ep.name)
+                added.append(_add(pm, ep.load(), ep.name))
             except Exception as error:
                 raise PluginError(f"installed plugin {ep.name!r} ({ep.value}) could not be loaded: {error}\n"
                                   f"(set {ENV_VAR} to the plugins to load, empty for none, to skip it)") from error
     except BaseException:
-        for name, _ in pm.list_name_plugin():
+        _installed_loaded = False
+        for name in added:
+            pm.unregister(name=name)
             _remove_methods_of(name)
         raise
     return pm
+
+
+def _load_methods(everything: bool) -> None:
+    """The registry's loader: the built-in methods, and with ``everything`` the installed plugins'."""
+    get_plugin_manager() if everything else _builtin_manager()
+
+
+set_loader(_load_methods)
 
 
 def reset_plugin_manager() -> None:
@@ -91,10 +116,12 @@ def reset_plugin_manager() -> None:
 
     For tests that change ``TIMM_QCONV_PLUGINS``. Methods added with ``@register_method`` stay.
     """
-    if get_plugin_manager.cache_info().currsize:
-        for name, _ in get_plugin_manager().list_name_plugin():
+    global _installed_loaded
+    if _builtin_manager.cache_info().currsize:
+        for name, _ in _builtin_manager().list_name_plugin():
             _remove_methods_of(name)
-    get_plugin_manager.cache_clear()
+    _builtin_manager.cache_clear()
+    _installed_loaded = False
 
 
 def _known_hooks(pm: pluggy.PluginManager) -> list[str]:
