@@ -119,6 +119,7 @@ def test_loader(cfg: PTQConfig, dataset: str, model: nn.Module) -> DataLoader | 
         if cfg.eval_samples:
             images = torch.utils.data.Subset(images, range(min(cfg.eval_samples, len(images))))
         return create_loader(images, data_config["input_size"], cfg.batch_size, is_training=False, num_workers=0,
+                             use_prefetcher=False,  # the prefetcher is for CUDA only
                              mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"])
     if not dataset:
         return None
@@ -148,6 +149,7 @@ def main(cfg: PTQConfig) -> dict[str, Any]:
     model = model.to(accelerator.device).eval()
     loader = test_loader(cfg, dataset, model)
     out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"config": asdict(cfg), "final": {}}
 
     def finish(run: str, n_bits: int | None, evaluated: nn.Module, saved: int) -> None:

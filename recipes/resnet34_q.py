@@ -60,6 +60,7 @@ class Config:
     dataset: str = option("cifar10", "dataset", choices=list_datasets())
     data_dir: str = option("", "folder to look in first and download into (also $TIMM_QCONV_DATA)")
     train_subset: int = option(0, "train on the first N training images only (0: all)")
+    crop: bool = option(True, "augment with pad-4 random crops (flips always)")
     mode: str = option("all", "what to run: float training, ptq of it, qat from it, or all", choices=MODES)
     bits: list[int] = option([4, 2], "bits per weight of the quantized runs (several: one run each)")
     method: str = option("hash", "quantization method", choices=list_methods())
@@ -179,7 +180,7 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, des
 
 def settings_of(cfg: Config, run: str) -> dict[str, Any]:
     """What a checkpoint of ``run`` must agree on to be resumed."""
-    keys = ("dataset", "train_subset", "method", "n_functions", "layers", "skip_first_last",
+    keys = ("dataset", "train_subset", "crop", "method", "n_functions", "layers", "skip_first_last",
             "batch_size", "seed", "qat_from_scratch", "hash_weight", "warmup_steps")
     return {"run": run, **{k: getattr(cfg, k, None) for k in keys + ("model", "small_stem")}}
 
@@ -244,7 +245,7 @@ def train(cfg: Config, run: str, model: nn.Module, data: tuple[ImageTensors, Ima
         if handler.state.global_step >= limit:
             break
         train_loader.set_epoch(epoch)  # the seedable sampler's order depends only on (seed, epoch)
-        train_set.set_epoch(epoch, cfg.seed)
+        train_set.set_epoch(epoch)
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         bar = tqdm(loader, desc=f"{run} epoch {epoch + 1}/{epochs}", initial=skip, total=steps_per_epoch,
                    disable=not main, dynamic_ncols=True, leave=False)
@@ -275,6 +276,12 @@ def train(cfg: Config, run: str, model: nn.Module, data: tuple[ImageTensors, Ima
         if finished:
             handler.on_epoch_end()
         save_checkpoint(accelerator, checkpoint, {"settings": settings, "epochs": [r for r in history if r["run"] == run]})
+    if callbacks and accelerator.num_processes > 1:  # DDP keeps the levels in step; check that it did
+        levels = torch.cat([p.detach().flatten() for p in callbacks[0].quantizer_parameters()]).double()
+        sums = accelerator.gather(torch.stack([levels.sum(), levels.square().sum()])[None]).cpu()
+        if not bool((sums == sums[:1]).all()):
+            raise RuntimeError(f"{run}: the quantizer's levels differ between processes: {sums.tolist()}")
+        accelerator.print(f"{run}: levels identical on all {accelerator.num_processes} processes")
     last = [row for row in history if row["run"] == run]
     accuracy = last[-1]["accuracy"] if last and last[-1]["step"] == handler.state.global_step else None
     if accuracy is None:
@@ -300,6 +307,7 @@ def run_all(cfg: Config, build_model: Callable[[Config, DatasetInfo], nn.Module]
             raise SystemExit(f"error: {error}") from None
     if cfg.train_subset:
         train_set = train_set.subset(cfg.train_subset)
+    train_set.seed, train_set.crop = cfg.seed, cfg.crop  # with the epoch, they choose every image's augmentation
     if cfg.batch_size % accelerator.num_processes or cfg.batch_size > len(train_set):
         raise SystemExit(f"error: --batch-size {cfg.batch_size} must split evenly over {accelerator.num_processes} "
                          f"processes and be at most the {len(train_set)} training images")
@@ -350,7 +358,7 @@ def run_all(cfg: Config, build_model: Callable[[Config, DatasetInfo], nn.Module]
         final = results["final"]
         plot_accuracy_per_epoch(results["epochs"], out / "accuracy_per_epoch.png",
                                 reference={r: v["accuracy"] for r, v in final.items() if v["kind"] == "ptq"})
-        if len(cfg.bits) > 1:
+        if len({row["n_bits"] for row in final.values() if row["n_bits"]}) > 1:
             plot_accuracy_vs_bits(final, out / "accuracy_vs_bits.png")
         print_table(final, out)
     accelerator.wait_for_everyone()

@@ -53,7 +53,7 @@ class DatasetInfo:
 
 
 class ImageTensors(Dataset):
-    """uint8 images ``(N, C, H, W)`` with labels, normalised; random crop and flip when ``train``.
+    """uint8 images ``(N, C, H, W)`` with labels, normalised; augmented when ``train``.
 
     The augmentation of an image depends only on ``(seed, epoch, index)``, never on a global RNG or
     on which batch or process reads it, so a resumed or distributed run sees the same crops as an
@@ -64,22 +64,27 @@ class ImageTensors(Dataset):
         images: uint8 tensor ``(N, C, H, W)``.
         labels: integer labels ``(N,)``.
         info: the dataset's statistics (:class:`DatasetInfo`).
-        train: augment (pad-4 random crop and horizontal flip).
+        train: augment: a horizontal flip, and a pad-4 random crop unless ``crop=False``.
+        seed: with the epoch (:meth:`set_epoch`, which Accelerate's prepared loaders also call),
+            what chooses the augmentation.
+        crop: also crop when ``train``.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, info: DatasetInfo, train: bool) -> None:
+    def __init__(self, images: Tensor, labels: Tensor, info: DatasetInfo, train: bool, seed: int = 0,
+                 crop: bool = True) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(labels):
             raise ValueError(f"images must be uint8 (N, C, H, W) with one label each; got {images.dtype} "
                              f"{tuple(images.shape)} and {len(labels)} labels")
         self.images, self.labels, self.info, self.train = images, labels.long(), info, train
         self.mean = torch.tensor(info.mean).view(1, -1, 1, 1)
         self.std = torch.tensor(info.std).view(1, -1, 1, 1)
+        self.seed, self.crop = seed, crop
         self.set_epoch(0)
 
-    def set_epoch(self, epoch: int, seed: int = 0) -> None:
+    def set_epoch(self, epoch: int) -> None:
         """Draw this epoch's crops and flips (call on every process before iterating)."""
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        self.epoch, self.seed = epoch, seed
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        self.epoch = epoch
         self.shifts = torch.randint(0, 9, (len(self), 3), generator=g)  # top, left, flip (odd: flip)
 
     def __len__(self) -> int:
@@ -91,6 +96,8 @@ class ImageTensors(Dataset):
         if self.train:
             n, _, h, w = x.shape
             top, left, flip = self.shifts[index].unbind(1)
+            if not self.crop:
+                top = left = torch.full_like(top, 4)  # the unshifted window of the padded image
             rows = (top[:, None] + torch.arange(h))[:, :, None]  # (n, h, 1)
             cols = left[:, None] + torch.arange(w)  # (n, w)
             cols = torch.where((flip % 2 == 1)[:, None], cols.flip(1), cols)[:, None, :]  # (n, 1, w)
@@ -102,7 +109,7 @@ class ImageTensors(Dataset):
 
     def subset(self, n: int) -> "ImageTensors":
         """The first ``n`` images (a cheap copy that shares nothing mutable with this one)."""
-        return ImageTensors(self.images[:n], self.labels[:n], self.info, self.train)
+        return ImageTensors(self.images[:n], self.labels[:n], self.info, self.train, self.seed, self.crop)
 
 
 # ----------------------------------------------------------------------------- Fashion-MNIST

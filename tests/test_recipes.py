@@ -1,0 +1,267 @@
+"""The recipes end to end, on tiny datasets written here in their real on-disk formats.
+
+Fashion-MNIST as gzipped IDX files, CIFAR-10 as python-pickle batches, and an image folder of PNGs;
+one process and two (``accelerate launch``, gloo on CPU); resume; bad flags and missing data.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from timm_qconv.datasets import DatasetInfo, ImageTensors, load_dataset, read_cifar_batch
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+TINY = ["--batch-size", "16", "--num-workers", "0", "--seed", "1"]
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">4B", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def labelled_images(n: int, channels: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose brightness encodes the label, so that a few steps already learn something."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    images = rng.integers(0, 60, (n, channels, size, size)) + labels[:, None, None, None] * 19
+    return images.astype(np.uint8), labels
+
+
+@pytest.fixture(scope="module")
+def fashion_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("fashion")
+    for split, n in (("train", 64), ("t10k", 30)):  # 30: not a multiple of the batch, nor of two processes
+        images, labels = labelled_images(n, 1, 28, seed=n)
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images[:, 0])
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py"
+    folder.mkdir()
+    for name, n in [(f"data_batch_{i}", 8) for i in range(1, 6)] + [("test_batch", 10)]:
+        images, labels = labelled_images(n, 3, 32, seed=len(name) + n)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"batch_label": name, "data": images.reshape(n, -1), "labels": labels.tolist(),
+                         "filenames": [f"{i}.png" for i in range(n)]}, f, protocol=2)
+    return folder.parent
+
+
+def run(script: str, *args: str, processes: int = 1, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TIMM_QCONV_PLUGINS": ""}
+    env.pop("TIMM_QCONV_DATA", None)
+    launch = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if processes > 1
+              else [sys.executable])
+    proc = subprocess.run([*launch, str(RECIPES / script), *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    if expect_ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def results(folder: Path) -> dict:
+    return json.loads((folder / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def lenet_run(fashion_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lenet")
+    proc = run("lenet_q.py", "--data-dir", str(fashion_dir), "--epochs", "2", "--qat-epochs", "1", "--bits", "4", "2",
+               "--output-dir", str(out), *TINY)
+    (out / "stdout.txt").write_text(proc.stdout)
+    return out
+
+
+def test_lenet_runs_float_ptq_and_qat_with_every_output(lenet_run):
+    data = results(lenet_run)
+    assert set(data["final"]) == {"float", "ptq-4bit", "ptq-2bit", "qat-4bit", "qat-2bit"}, data["final"]
+    assert data["config"]["bits"] == [4, 2] and data["config"]["dataset"] == "fashion-mnist"
+    for run_name, row in data["final"].items():
+        assert 0.0 <= row["accuracy"] <= 1.0, (run_name, row)
+        folder = "float" if run_name == "float" else run_name
+        assert row["bytes"] == (lenet_run / folder / "model.safetensors").stat().st_size, (run_name, row)
+        assert row["n_bits"] == (None if run_name == "float" else int(run_name.split("-")[1][0])), row
+    assert data["final"]["ptq-2bit"]["bytes"] < data["final"]["ptq-4bit"]["bytes"] < data["final"]["float"]["bytes"]
+    assert {(r["run"], r["epoch"]) for r in data["epochs"]} == {("float", 1), ("float", 2), ("qat-4bit", 1),
+                                                                ("qat-2bit", 1)}, data["epochs"]
+    for chart in ("accuracy_per_epoch", "accuracy_vs_bits", "levels_ptq-2bit", "levels_qat-4bit"):
+        assert (lenet_run / f"{chart}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", chart
+    assert not [p for p in lenet_run.rglob(".*") if p.name != ".gitignore"], "temporary files left behind"
+    table = (lenet_run / "stdout.txt").read_text()
+    assert "vs float" in table and "qat-2bit" in table and "KiB" in table, table
+
+
+def test_exported_quantized_lenet_loads_with_few_levels(lenet_run):
+    sys.path.insert(0, str(RECIPES))
+    try:
+        from lenet_q import LeNet5
+    finally:
+        sys.path.remove(str(RECIPES))
+    from timm_qconv import load_quantized
+
+    model = load_quantized(lenet_run / "qat-2bit", model=LeNet5(1, 10, 28))
+    weight = model.features[3].weight
+    assert len(torch.unique(weight[0])) <= 4, "2-bit weights: at most 4 values per channel group"
+
+
+def test_resume_continues_exactly_and_stops_at_max_steps(fashion_dir, tmp_path):
+    args = ["--data-dir", str(fashion_dir), "--mode", "float", "--epochs", "2", *TINY]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run("lenet_q.py", *args, "--output-dir", str(whole))
+    run("lenet_q.py", *args, "--output-dir", str(split), "--max-steps", "3")  # stops inside epoch 1 (4 steps each)
+    assert [r["step"] for r in results(split)["epochs"]] == [3]
+    run("lenet_q.py", *args, "--output-dir", str(split), "--resume")
+    a, b = load_file(whole / "float" / "model.safetensors"), load_file(split / "float" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "a resumed run must end with the uninterrupted run's weights"
+    assert results(split)["final"]["float"]["accuracy"] == results(whole)["final"]["float"]["accuracy"]
+    again = run("lenet_q.py", *args, "--output-dir", str(split), "--resume")
+    assert "nothing left to train" in again.stdout, again.stdout
+    c = load_file(split / "float" / "model.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a), "resuming a finished run must train nothing more"
+
+
+def test_resume_with_other_settings_is_one_clear_error(fashion_dir, tmp_path):
+    args = ["--data-dir", str(fashion_dir), "--mode", "float", "--epochs", "1", "--output-dir", str(tmp_path), *TINY]
+    run("lenet_q.py", *args, "--max-steps", "1")
+    proc = run("lenet_q.py", *args[:-2], "--batch-size", "8", "--seed", "1", "--resume", expect_ok=False)
+    assert proc.returncode != 0 and "other settings" in proc.stderr and "batch_size" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_two_processes_reach_the_one_process_results(lenet_run, fashion_dir, tmp_path):
+    out = tmp_path / "ddp"
+    proc = run("lenet_q.py", "--data-dir", str(fashion_dir), "--epochs", "2", "--qat-epochs", "1", "--bits", "4", "2",
+        "--output-dir", str(out), *TINY, processes=2)
+    one, two = results(lenet_run)["final"], results(out)["final"]
+    assert set(one) == set(two)
+    for name in one:  # same global batch and seed: the same training up to float rounding
+        assert abs(one[name]["accuracy"] - two[name]["accuracy"]) <= 1 / 30 + 1e-9, (name, one[name], two[name])
+    assert len(results(out)["epochs"]) == len(results(lenet_run)["epochs"]), "one copy of every record"
+    a, b = load_file(lenet_run / "float" / "model.safetensors"), load_file(out / "float" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), "two processes must train like one"
+    assert proc.stdout.count("levels identical on all 2 processes") == 2, proc.stdout[-2000:]
+
+
+def test_resnet_recipe_on_cifar_then_ptq_recipe_from_its_output(cifar_dir, tmp_path):
+    trained = tmp_path / "resnet"
+    run("resnet34_q.py", "--model", "resnet18", "--data-dir", str(cifar_dir), "--mode", "float", "--epochs", "1",
+        "--output-dir", str(trained), *TINY[:2], "--num-workers", "0")
+    weights = load_file(trained / "float" / "model.safetensors")
+    assert weights["conv1.weight"].shape[-2:] == (3, 3), "the small-image stem: a 3x3 first conv for 32-pixel data"
+    ptq = tmp_path / "ptq"
+    proc = run("ptq_timm.py", "--from-run", str(trained), "--data-dir", str(cifar_dir), "--bits", "4", "2",
+               "--n-functions", "4", "--output-dir", str(ptq))
+    final = results(ptq)["final"]
+    assert set(final) == {"float", "ptq-4bit", "ptq-2bit"} and all(0 <= r["accuracy"] <= 1 for r in final.values())
+    assert (ptq / "ptq-2bit" / "model.safetensors").exists() and "vs float" in proc.stdout
+
+
+def test_ptq_recipe_on_an_image_folder(tmp_path):
+    from PIL import Image
+
+    import timm
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "images"
+    for label in ("cat", "dog"):
+        (folder / label).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((40, 40, 3), 40 * i + (100 if label == "dog" else 0), np.uint8)).save(
+                folder / label / f"{i}.png")
+    checkpoint = tmp_path / "model.safetensors"
+    save_file(timm.create_model("resnet18", num_classes=2).state_dict(), checkpoint)
+    run("ptq_timm.py", "--model", "resnet18", "--checkpoint", str(checkpoint), "--num-classes", "2",
+        "--image-folder", str(folder), "--bits", "4", "--n-functions", "4", "--output-dir", str(tmp_path / "out"))
+    final = results(tmp_path / "out")["final"]
+    assert set(final) == {"float", "ptq-4bit"} and final["float"]["accuracy"] in {i / 6 for i in range(7)}, final
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--bits", "9"], "--bits"),
+    (["--mode", "both"], "--mode"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--layers", "conv,attention"], "--layers"),
+])
+def test_bad_flags_are_one_clear_error(flags, message, capsys):
+    sys.path.insert(0, str(RECIPES))
+    try:
+        from lenet_q import LeNetConfig, parse_args
+
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(LeNetConfig, flags)
+    finally:
+        sys.path.remove(str(RECIPES))
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_config_file_sets_defaults_and_flags_win(tmp_path, capsys):
+    sys.path.insert(0, str(RECIPES))
+    try:
+        from lenet_q import LeNetConfig, parse_args
+
+        config = tmp_path / "run.yaml"
+        config.write_text("epochs: 3\nbits: [1, 2]\nqat-lr: 0.002\n")
+        cfg = parse_args(LeNetConfig, ["--config", str(config), "--epochs", "7"])
+        assert (cfg.epochs, cfg.bits, cfg.qat_lr) == (7, [1, 2], 0.002), cfg
+        config.write_text('{"epochz": 3}')
+        with pytest.raises(SystemExit):
+            parse_args(LeNetConfig, ["--config", str(config)])
+        assert "unknown keys ['epochz']" in capsys.readouterr().err
+    finally:
+        sys.path.remove(str(RECIPES))
+
+
+def test_missing_dataset_says_where_it_looked_and_leaves_no_folder(tmp_path):
+    target = tmp_path / "new" / "data"
+    proc = run("lenet_q.py", "--dataset", "cifar10", "--data-dir", str(target), "--output-dir", str(tmp_path / "out"),
+               expect_ok=False)
+    assert proc.returncode == 1 and "cifar10 not found" in proc.stderr and str(target) in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "new").exists() and not (tmp_path / "out").exists()
+
+
+def test_cifar_reader_runs_no_code_from_a_crafted_batch(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    (tmp_path / "batch").write_bytes(pickle.dumps({"data": Payload(), "labels": [0]}))
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        read_cifar_batch(tmp_path / "batch")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_readers_load_the_real_formats(fashion_dir, cifar_dir):
+    train, test = load_dataset("fashion-mnist", fashion_dir, download=False)
+    assert train.images.shape == (64, 1, 28, 28) and len(test) == 30 and train.info.channels == 1
+    train, test = load_dataset("cifar10", cifar_dir, download=False)
+    assert train.images.shape == (40, 3, 32, 32) and test.labels.dtype == torch.long
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index():
+    info = DatasetInfo("t", 1, 8, 10, (0.5,), (0.25,))
+    images = torch.randint(0, 256, (20, 1, 8, 8), dtype=torch.uint8)
+    data = ImageTensors(images, torch.arange(20) % 10, info, train=True, seed=2)
+    data.set_epoch(3)
+    batch = data.__getitems__([5, 0, 7])
+    assert torch.equal(batch[2][0], data[7][0]), "an image's crop must not depend on its batch"
+    other = ImageTensors(images, torch.arange(20) % 10, info, train=True, seed=2)
+    other.set_epoch(3)
+    assert all(torch.equal(data[i][0], other[i][0]) for i in range(20)), "same seed and epoch, same crops"
+    other.set_epoch(4)
+    assert any(not torch.equal(data[i][0], other[i][0]) for i in range(20)), "another epoch, other crops"
