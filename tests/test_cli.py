@@ -65,7 +65,7 @@ def test_quantize_output_equals_the_library(quantized) -> None:
     _, _, out = quantized
     config = json.loads((out / CONFIG_FILE).read_text())
     assert (config["architecture"], config["method"], config["n_bits"], config["n_functions"]) == (MODEL, "hash", 3, 4)
-    want = BitQuantizer(tiny_model(), 4, 3).train_hash_functions(2).get_hashed_model().state_dict()
+    want = BitQuantizer(tiny_model(), 4, 3, layers=("conv", "linear")).train_hash_functions(2).get_hashed_model().state_dict()
     got = load_quantized(out).state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want), "the CLI must save what BitQuantizer computes"
 
@@ -160,7 +160,7 @@ def test_checkpoint_formats(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}, wrapped)
     flat = tmp_path / "model.safetensors"
     safetensors.torch.save_file(model.state_dict(), flat)
-    want = BitQuantizer(model, 2, 2, method="kmeans").train_hash_functions(1).get_hashed_model().state_dict()
+    want = BitQuantizer(model, 2, 2, method="kmeans", layers=("conv", "linear")).train_hash_functions(1).get_hashed_model().state_dict()
     for checkpoint in (wrapped, flat):
         out = tmp_path / f"q_{checkpoint.stem}"
         argv = ["quantize", "--model", MODEL, "--num-classes", "5", "--checkpoint", str(checkpoint), "--method", "kmeans",

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 import timm_qconv.export as export
+
+ALL = ("conv", "linear")  # the head too: export covers both layer kinds
 from timm_qconv import BitQuantizer, QuantMixin, freeze_model, list_methods, load_quantized, quantize_model, save_quantized
 from timm_qconv.export import CONFIG_FILE, WEIGHTS_FILE, read_config
 
@@ -42,7 +44,7 @@ def dir_snapshot(path: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[BitQuantizer, Path]:
     """A 3-bit hash fit of the tiny model, saved once; tests that damage it work on a copy."""
-    bq = BitQuantizer(tiny(), 8, 3).train_hash_functions(2)
+    bq = BitQuantizer(tiny(), 8, 3, layers=ALL).train_hash_functions(2)
     return bq, save_quantized(bq, tmp_path_factory.mktemp("saved") / "q")
 
 
@@ -55,7 +57,7 @@ def saved_copy(saved: tuple[BitQuantizer, Path], tmp_path: Path) -> Path:
 @pytest.mark.parametrize("method,n_bits", [("hash", 1), ("hash", 3), ("hash", 5), ("kmeans", 2), ("kmeans", 3),
                                            ("kmeans", 5), ("kmeans", 8)])
 def test_round_trip_equals_hashed_model(method: str, n_bits: int, tmp_path: Path) -> None:
-    bq = BitQuantizer(tiny(), 8, n_bits, method=method).train_hash_functions(2)
+    bq = BitQuantizer(tiny(), 8, n_bits, method=method, layers=ALL).train_hash_functions(2)
     path = save_quantized(bq, tmp_path / "q")
     loaded = load_quantized(path)  # created by timm from the config
     assert type(loaded) is type(bq.model)
@@ -72,7 +74,7 @@ def test_load_into_given_model_in_place(saved: tuple[BitQuantizer, Path]) -> Non
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_weights_keep_their_dtype(dtype: torch.dtype, tmp_path: Path) -> None:
-    bq = BitQuantizer(tiny().to(dtype), 8, 4, method="kmeans").train_hash_functions(2)
+    bq = BitQuantizer(tiny().to(dtype), 8, 4, method="kmeans", layers=ALL).train_hash_functions(2)
     path = save_quantized(bq, tmp_path / "q")
     assert read_config(path)["layers"]["fc"]["dtype"] == str(dtype).removeprefix("torch.")
     assert_same_bits(load_quantized(path).state_dict(), bq.get_hashed_model().state_dict())
@@ -104,7 +106,7 @@ def test_size_at_4_bits_is_at_most_13_percent_of_float32(tmp_path: Path) -> None
     # resnet10t has resnet34's layer mix at a quarter of the size; the ratio logic is the same.
     torch.manual_seed(0)
     model = timm.create_model("resnet10t")
-    bq = BitQuantizer(model, 32, 4, method="kmeans").train_hash_functions(1)
+    bq = BitQuantizer(model, 32, 4, method="kmeans", layers=ALL).train_hash_functions(1)
     path = save_quantized(bq, tmp_path / "q")
     reference = tmp_path / "float32.pth"
     torch.save(model.state_dict(), reference)
@@ -189,7 +191,7 @@ def test_non_timm_model_needs_a_module(tmp_path: Path) -> None:
 
 def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="train_hash_functions"):
-        save_quantized(BitQuantizer(tiny(), 4, 2), tmp_path / "a")
+        save_quantized(BitQuantizer(tiny(), 4, 2, layers=ALL), tmp_path / "a")
     with pytest.raises(ValueError, match="no quantized layer"):
         save_quantized(tiny(), tmp_path / "b")
     with pytest.raises(TypeError, match="model_or_quantizer"):
@@ -228,7 +230,7 @@ def test_failed_overwrite_keeps_old_files(saved: tuple[BitQuantizer, Path], save
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     (saved_copy / "notes.txt").write_text("mine")
     before = dir_snapshot(saved_copy)
-    other = BitQuantizer(tiny(seed=3), 4, 2, method="kmeans").train_hash_functions(1)
+    other = BitQuantizer(tiny(seed=3), 4, 2, method="kmeans", layers=ALL).train_hash_functions(1)
 
     real_replace = os.replace
     for failing_call in (1, 2):  # the weights' rename, then the config's (the weights must be restored)

@@ -87,7 +87,7 @@ def test_first_result_hook_gives_downsample_convs_8_bits():
 def test_first_result_hook_sets_bit_quantizer_bits():
     model = small_model()
     with registered(Decide({"down": {"n_bits": 8}, "head": False}), "decide"):
-        bq = BitQuantizer(model, n_fs=2, n_bits=3).train_hash_functions(n_iter=2)
+        bq = BitQuantizer(model, n_fs=2, n_bits=3, layers=("conv", "linear")).train_hash_functions(n_iter=2)
     assert bq.layer_names == ["stem", "body", "down"], f"head was kept in float by the plugin: {bq.layer_names}"
     bits = {r.name: r.n_bits for r in bq.report()}
     assert bits == {"stem": 3, "body": 3, "down": 8}, bits
@@ -192,7 +192,7 @@ def test_freeze_hooks_get_the_plain_layer_when_freezing_a_single_layer():
 def test_after_bit_quantizer_receives_the_report():
     model = small_model()
     with registered(Recorder(), "recorder") as recorder:
-        bq = BitQuantizer(model, n_fs=2, n_bits=2).train_hash_functions(n_iter=2)
+        bq = BitQuantizer(model, n_fs=2, n_bits=2, layers=("conv", "linear")).train_hash_functions(n_iter=2)
     assert [name for name, _ in recorder.calls] == ["after_bit_quantizer"], recorder.calls
     call = recorder.calls[0][1]
     assert call["quantizer"] is bq and call["report"] is bq.report()

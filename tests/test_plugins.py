@@ -235,7 +235,7 @@ def test_report_plugin_instance_records_bit_quantizer_passes_as_json(tmp_path):
     plugin = ReportPlugin(out_dir=tmp_path, fmt="json", plots=False)
     register_plugin(plugin, name="json-report")
     try:
-        BitQuantizer(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(8, 2)), n_fs=2, n_bits=3).train_hash_functions(2)
+        BitQuantizer(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(8, 2)), n_fs=2, n_bits=3, layers=("conv", "linear")).train_hash_functions(2)
     finally:
         unregister_plugin(plugin)
     rows = json.loads((tmp_path / "records.json").read_text())

@@ -15,28 +15,35 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._errors import check_int
+from ._errors import check_int, check_module
 from ._groups import SortedGroups, as_rows
 from ._registry import config_owner, make_config
 from .config import QuantConfig
-from .convert import check_finite, layer_configs, plan_quantization
+from .convert import check_finite, layer_configs
 from .methods.base import Quantizer
 from .plugins import call_hook
 from .report import LayerReport, QuantReport
+from .selection import FilterFn, LayerSelection
 
 
 class BitQuantizer:
-    """Fit few-bit levels to a trained model's Conv2d and Linear weights.
+    """Fit few-bit levels to a trained model's Conv2d (and, when asked, Linear) weights.
 
     Args:
         model: the trained model; it is never modified.
-        n_fs: groups of output channels per layer ("hash functions" in the prototype).
+        n_functions: channel groups per layer: the output channels are split into this many
+            groups, each with its own levels (the prototype's "hash functions", ``n_fs``;
+            ``None``: the method's default, 32).
         n_bits: bits per weight, 1..8.
         avoid: module names or glob patterns to leave in float.
-        layers: layer kinds to quantize (default Conv2d and Linear).
+        layers: layer kinds to quantize, ``"conv"`` and/or ``"linear"`` (``None``: convs only;
+            see :class:`~timm_qconv.selection.LayerSelection`).
         method: ``"hash"`` (LQ-Nets basis), ``"kmeans"`` (free levels), or any registered method.
         device: where to fit (``None``: each layer's own device). CPU and CUDA both work.
         verbose: show a progress bar over the layers.
+        skip_first_last: leave the stem conv and the classifier in float.
+        filter_fn: ``filter_fn(module, name) -> bool``; only layers it accepts are quantized.
+        n_fs: the prototype's name for ``n_functions`` (give one of the two).
         **options: the method's own options.
 
     Plugins may keep a layer in float or change its options (hook ``layer_quant_config``,
@@ -54,19 +61,28 @@ class BitQuantizer:
     def __init__(
         self,
         model: nn.Module,
-        n_fs: int = 32,
+        n_functions: int | None = None,
         n_bits: int = 4,
         avoid: Iterable[str] | str = (),
-        layers: Any = (nn.Conv2d, nn.Linear),
+        layers: Any = None,
         method: Any = "hash",
         device: str | torch.device | None = None,
         verbose: bool = False,
+        *,
+        skip_first_last: bool = False,
+        filter_fn: FilterFn | None = None,
+        n_fs: int | None = None,
         **options: Any,
     ) -> None:
-        self.config = make_config(method, n_bits=n_bits, n_functions=n_fs, **options)
+        if n_fs is not None and n_functions is not None:
+            raise TypeError(f"n_functions={n_functions!r} and n_fs={n_fs!r}: give one (n_fs is its old name)")
+        n_functions = n_fs if n_fs is not None else n_functions
+        self.config = make_config(method, n_bits=n_bits, n_functions=n_functions, **options)
         self.method = config_owner(self.config)
         self.model = model
-        self.configs: dict[str, QuantConfig] = layer_configs(model, plan_quantization(model, layers, avoid), self.config)
+        self.selection = LayerSelection(layers, avoid, skip_first_last, filter_fn)
+        self.configs: dict[str, QuantConfig] = layer_configs(model, self.selection.select(check_module("model", model)),
+                                                             self.config)
         self.layer_names = list(self.configs)
         modules = dict(model.named_modules())
         self.modules: dict[str, nn.Module] = {name: modules[name] for name in self.layer_names}

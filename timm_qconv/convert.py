@@ -8,7 +8,6 @@ layer during the first phase; ``before_quantize``/``after_quantize`` and ``befor
 """
 from __future__ import annotations
 
-import fnmatch
 import functools
 from typing import Any, Callable, Iterable, Sequence
 
@@ -16,120 +15,32 @@ import torch
 from torch import Tensor, nn
 
 from . import _batched
-from ._errors import check_choice, check_module, closest
+from ._errors import check_choice, check_module
 from ._kernels import BACKENDS, default_backend
 from ._registry import make_config
 from .config import QuantConfig
 from .backend import set_kernel_backend
 from .layers import MODES, QUANT_LAYERS, QuantMixin
 from .plugins import call_hook
+from .selection import FilterFn, LayerSelection
 
-FilterFn = Callable[[nn.Module, str], bool]
-_LAYER_NAMES = {"conv": nn.Conv2d, "conv2d": nn.Conv2d, "linear": nn.Linear}
 _CONVERT_ARGS = {"method", "layers", "avoid", "skip_first_last", "mode", "filter_fn", "kernels"}
-
-
-def _as_layer_types(layers: Any) -> tuple[type[nn.Module], ...]:
-    allowed = f"a tuple of {[t.__name__ for t in QUANT_LAYERS]} or of the names {sorted(_LAYER_NAMES)}"
-    items = (layers,) if isinstance(layers, (str, type)) else layers
-    if not isinstance(items, Iterable) or not (items := tuple(items)):
-        raise TypeError(f"layers={layers!r} is not allowed; expected {allowed}")
-    kinds = []
-    for item in items:
-        if not isinstance(item, (str, type)):
-            raise TypeError(f"layers entry {item!r} has type {type(item).__name__}; expected {allowed}")
-        kind = _LAYER_NAMES.get(item.lower()) if isinstance(item, str) else item
-        if kind not in QUANT_LAYERS:
-            raise ValueError(f"layers entry {item!r} is not allowed; expected {allowed}")
-        kinds.append(kind)
-    return tuple(kinds)
-
-
-def _as_patterns(name: str, value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    items = (value,) if isinstance(value, str) else value
-    try:
-        items = tuple(items)
-    except TypeError:
-        raise TypeError(f"{name}={value!r} must be a module name, a glob pattern, or a list of them") from None
-    for item in items:
-        if not isinstance(item, str):
-            raise TypeError(f"{name} entry {item!r} has type {type(item).__name__}; expected a module name or glob pattern (str)")
-    return items
-
-
-def _matches(fqn: str, pattern: str) -> bool:
-    # A pattern names the module itself or anything under it ("layer4" covers "layer4.0.conv1").
-    return fnmatch.fnmatchcase(fqn, pattern) or fnmatch.fnmatchcase(fqn, pattern + ".*")
-
-
-def _names(value: Any) -> tuple[str, ...]:
-    return () if not value else (value,) if isinstance(value, str) else tuple(value)
-
-
-def _first_last_names(model: nn.Module, candidates: Sequence[str]) -> set[str]:
-    """The stem conv and the classifier among ``candidates``.
-
-    timm models name them in ``pretrained_cfg`` (``first_conv``, ``classifier``); other models
-    fall back to the first and the last candidate layer.
-    """
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-
-    def under(names: tuple[str, ...]) -> list[str]:
-        return [c for c in candidates if any(c == n or c.startswith(n + ".") for n in names)]
-
-    first = under(_names(cfg["first_conv"])) if "first_conv" in cfg else list(candidates[:1])
-    last = under(_names(cfg["classifier"])) if "classifier" in cfg else list(candidates[-1:])
-    return set(first) | set(last)
 
 
 def plan_quantization(
     model: nn.Module,
-    layers: Any = (nn.Conv2d,),
+    layers: Any = None,
     avoid: Any = (),
     skip_first_last: bool = False,
     filter_fn: FilterFn | None = None,
 ) -> list[str]:
     """Names of the layers :func:`quantize_model` selects, in module order (nothing is changed).
 
-    Plugins' ``layer_quant_config`` decisions come after this; see :func:`layer_configs`.
+    The arguments are :class:`~timm_qconv.selection.LayerSelection`'s. Plugins'
+    ``layer_quant_config`` decisions come after this; see :func:`layer_configs`.
     """
     check_module("model", model)
-    kinds = _as_layer_types(layers)
-    patterns = _as_patterns("avoid", avoid)
-    if filter_fn is not None and not callable(filter_fn):
-        raise TypeError(f"filter_fn={filter_fn!r} must be callable as filter_fn(module, name) -> bool")
-    if not isinstance(skip_first_last, bool):
-        raise TypeError(f"skip_first_last={skip_first_last!r} must be a bool")
-
-    names = [n for n, _ in model.named_modules() if n]
-    for pattern in patterns:
-        if not any(_matches(n, pattern) for n in names):
-            raise ValueError(f"avoid entry {pattern!r} matches no module; closest names: {closest(pattern, names)}")
-
-    candidates = []
-    for fqn, module in model.named_modules():
-        # Exact plain layers only: subclasses with their own forward (timm's Conv2dSame, StdConv2d)
-        # would lose their behaviour if swapped.
-        if isinstance(module, QuantMixin) or type(module) not in kinds:
-            continue
-        candidates.append(fqn)
-    skipped = _first_last_names(model, candidates) if (skip_first_last and candidates) else set()
-    modules = dict(model.named_modules())
-    chosen = [
-        fqn for fqn in candidates
-        if fqn not in skipped
-        and not any(_matches(fqn, p) for p in patterns)
-        and (filter_fn is None or filter_fn(modules[fqn], fqn))
-    ]
-    if not chosen:
-        raise ValueError(
-            f"no layer of {type(model).__name__} matches layers={[k.__name__ for k in kinds]}, avoid={list(patterns)}, "
-            f"skip_first_last={skip_first_last}" + (", filter_fn" if filter_fn else "")
-            + f"; candidate layers: {candidates[:10]}{' ...' if len(candidates) > 10 else ''}"
-        )
-    return chosen
+    return LayerSelection(layers, avoid, skip_first_last, filter_fn).select(model)
 
 
 def _decide(name: str, module: nn.Module, config: QuantConfig) -> QuantConfig | None:
@@ -191,7 +102,7 @@ def quantize_model(
     method: Any = "hash",
     n_bits: int | None = None,
     n_functions: int | None = None,
-    layers: Any = (nn.Conv2d,),
+    layers: Any = None,
     avoid: Any = (),
     skip_first_last: bool = False,
     mode: str = "ste",
@@ -205,8 +116,10 @@ def quantize_model(
         model: any ``nn.Module``, timm models included.
         method: a method name (see :func:`~timm_qconv.list_methods`), Quantizer class or config.
         n_bits: bits per weight, 1..8 (``None``: the method's default).
-        n_functions: groups of output channels per layer (``None``: the method's default).
-        layers: layer kinds to quantize: ``nn.Conv2d``, ``nn.Linear`` or both (or ``"conv"``, ``"linear"``).
+        n_functions: channel groups per layer: the output channels are split into this many
+            groups, each with its own levels (``None``: the method's default).
+        layers: layer kinds to quantize: ``"conv"``, ``"linear"`` or both (or the classes);
+            ``None``: convs only.
         avoid: module names or glob patterns to leave in float (a name covers its submodules).
         skip_first_last: leave the stem conv and the classifier in float (timm's ``pretrained_cfg``
             ``first_conv``/``classifier`` when the model has them).
@@ -222,7 +135,8 @@ def quantize_model(
     config = make_config(method, n_bits=n_bits, n_functions=n_functions, **options)
     check_choice("mode", mode, MODES)
     kernels = default_backend() if kernels is None else check_choice("kernels", kernels, BACKENDS)
-    chosen = plan_quantization(model, layers, avoid, skip_first_last, filter_fn)
+    selection = LayerSelection(layers, avoid, skip_first_last, filter_fn)
+    chosen = selection.select(check_module("model", model))
     modules = dict(model.named_modules())
     check_finite(modules, chosen)  # everything is checked before anything is built
     call_hook("before_quantize", model=model, config=config)

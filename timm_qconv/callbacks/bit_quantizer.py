@@ -21,8 +21,8 @@ from .._errors import check_int
 from .._registry import config_owner
 from ..bit_quantizer import BitQuantizer
 from ..config import QuantConfig
-from ..convert import _as_layer_types, _as_patterns
 from ..report import QuantReport
+from ..selection import LayerSelection
 from .base import QuantCallback, TrainControl, TrainState, method_config, resolve_options
 
 EvalFn = Callable[[nn.Module], dict[str, float]]
@@ -34,11 +34,12 @@ class BitQuantizerOptions:
 
     Args:
         n_bits: bits per weight, 1..8.
-        n_functions: groups of output channels per layer, each with its own levels.
+        n_functions: channel groups per layer: the output channels are split into this many
+            groups, each with its own levels.
         method: a method name, a Quantizer class or a config object (``"hash"``, ``"kmeans"``...).
         method_options: the method's own options.
-        layers: layer kinds to quantize (``"conv"``, ``"linear"`` or the classes).
-        avoid: module names or glob patterns to keep in float.
+        layers, avoid, skip_first_last: which layers to quantize, as in
+            :class:`~timm_qconv.selection.LayerSelection` (``layers=None``: convs only).
         n_iter: fitting iterations per layer.
         every_n_epochs: also run after every this many epochs (``None``: never during training).
         at_train_end: run at ``on_train_end``.
@@ -48,17 +49,19 @@ class BitQuantizerOptions:
     n_functions: int = 32
     method: Any = "hash"
     method_options: dict[str, Any] = field(default_factory=dict)
-    layers: Any = ("conv", "linear")
+    layers: Any = None
     avoid: Any = ()
+    skip_first_last: bool = False
     n_iter: int = 50
     every_n_epochs: int | None = None
     at_train_end: bool = True
     config: QuantConfig = field(init=False, repr=False)
+    selection: LayerSelection = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.config = method_config(self.method, self.n_bits, self.n_functions, self.method_options)
-        self.layers = _as_layer_types(self.layers)
-        self.avoid = _as_patterns("avoid", self.avoid)
+        self.selection = LayerSelection(self.layers, self.avoid, self.skip_first_last)
+        self.layers, self.avoid = self.selection.layers, self.selection.avoid
         check_int("n_iter", self.n_iter, 1)
         if self.every_n_epochs is not None:
             check_int("every_n_epochs", self.every_n_epochs, 1)
@@ -140,7 +143,9 @@ class BitQuantizerCallback(QuantCallback):
     def run(self, model: nn.Module, state: TrainState, handler: Any = None) -> dict[str, Any]:
         """One pass: fit, build the quantized copy, evaluate both, print the comparison."""
         o, config = self.options, self.options.config
-        bq = BitQuantizer(model, config.n_functions, config.n_bits, avoid=o.avoid, layers=o.layers, method=config)
+        s = o.selection
+        bq = BitQuantizer(model, config.n_functions, config.n_bits, avoid=s.avoid, layers=s.layers, method=config,
+                          skip_first_last=s.skip_first_last, filter_fn=s.filter_fn)
         bq.train_hash_functions(o.n_iter)
         self.quantized_model, self.report = bq.get_hashed_model(), bq.report()
         row = {"epoch": state.epoch, "step": state.global_step, "rel_error": self.report.rel_error,

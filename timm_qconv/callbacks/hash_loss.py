@@ -21,12 +21,10 @@ from torch import Tensor, nn
 from .._errors import check_choice, check_float, check_int
 from .._registry import config_owner
 from ..config import QuantConfig
-from ..convert import _as_layer_types, _as_patterns, freeze_model, hash_loss, quantize_model, quantized_layers
+from ..convert import freeze_model, hash_loss, quantize_model, quantized_layers
 from ..layers import MODES
+from ..selection import LayerSelection
 from .base import QuantCallback, TrainControl, TrainState, method_config, resolve_options
-
-_KIND_NAMES = {nn.Conv2d: "conv", nn.Linear: "linear"}
-
 
 def _optional_int(name: str, value: Any, low: int) -> int | None:
     return None if value is None else check_int(name, value, low)
@@ -45,11 +43,11 @@ class HashLossOptions:
     Args:
         method: a method name, a Quantizer class or a config object (see ``list_methods()``).
         n_bits: bits per weight, 1..8 (``None``: the method's default).
-        n_functions: groups of output channels per layer, each with its own levels (``None``: default).
+        n_functions: channel groups per layer: the output channels are split into this many
+            groups, each with its own levels (``None``: the method's default).
         method_options: the method's own options, e.g. ``{"temperature": 0.1}`` for ``poly``.
-        layers: layer kinds to quantize: ``"conv"``, ``"linear"`` (or ``nn.Conv2d``, ``nn.Linear``).
-        avoid: module names or glob patterns to keep in float.
-        skip_first_last: keep the stem conv and the classifier in float.
+        layers, avoid, skip_first_last: which layers to quantize, as in
+            :class:`~timm_qconv.selection.LayerSelection` (``layers=None``: convs only).
         mode: ``"ste"`` (train through the quantized weight) or ``"float"`` (the prototype's).
         loss_weight: the hash loss's weight once warmed up.
         warmup_steps: optimizer steps over which the weight rises linearly from ``loss_weight / warmup_steps``.
@@ -68,7 +66,7 @@ class HashLossOptions:
     n_bits: int | None = None
     n_functions: int | None = None
     method_options: dict[str, Any] = field(default_factory=dict)
-    layers: Any = ("conv",)
+    layers: Any = None
     avoid: Any = ()
     skip_first_last: bool = False
     mode: str = "ste"
@@ -82,12 +80,12 @@ class HashLossOptions:
     anneal_steps: int = 0
     freeze_model_at_end: bool = True
     config: QuantConfig = field(init=False, repr=False)
+    selection: LayerSelection = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.config = method_config(self.method, self.n_bits, self.n_functions, self.method_options)
-        self.layers = tuple(dict.fromkeys(_KIND_NAMES[kind] for kind in _as_layer_types(self.layers)))
-        self.avoid = _as_patterns("avoid", self.avoid)
-        _check_bool("skip_first_last", self.skip_first_last)
+        self.selection = LayerSelection(self.layers, self.avoid, self.skip_first_last)
+        self.layers, self.avoid = self.selection.layers, self.selection.avoid
         check_choice("mode", self.mode, MODES)
         check_float("loss_weight", self.loss_weight, strict=False)
         check_int("warmup_steps", self.warmup_steps, 0)
@@ -109,8 +107,8 @@ class HashLossOptions:
 
     def quant_settings(self) -> dict[str, Any]:
         """The settings that shape the quantized model; a resumed checkpoint must have the same."""
-        return {"method": config_owner(self.config).name, **self.config.to_dict(), "layers": list(self.layers),
-                "avoid": list(self.avoid), "skip_first_last": self.skip_first_last, "mode": self.mode}
+        return {"method": config_owner(self.config).name, **self.config.to_dict(), **self.selection.to_dict(),
+                "mode": self.mode}
 
     def weight_at(self, step: int) -> float:
         """The hash loss's weight during step ``step`` (0-based)."""
@@ -191,7 +189,9 @@ class HashLossCallback(QuantCallback):
             raise ValueError(f"{type(model).__name__} already has quantized layers; HashLossCallback converts the "
                              "float model itself in on_init (do not call quantize_model before it)")
         o = self.options
-        quantize_model(model, method=o.config, layers=o.layers, avoid=o.avoid, skip_first_last=o.skip_first_last, mode=o.mode)
+        s = o.selection
+        quantize_model(model, method=o.config, layers=s.layers, avoid=s.avoid, skip_first_last=s.skip_first_last,
+                       filter_fn=s.filter_fn, mode=o.mode)
         self._model, self._state = model, state
         self.layer_names = [name for name, _ in quantized_layers(model)]
         if self.levels_frozen:  # state loaded before on_init

@@ -1,0 +1,33 @@
+"""Layer selection: one dataclass, one default and one normal form for every entry point."""
+import pytest
+from torch import nn
+
+from timm_qconv import BitQuantizer, plan_quantization
+from timm_qconv.callbacks import BitQuantizerOptions, HashLossOptions
+from timm_qconv.selection import LayerSelection
+
+
+def model() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.Flatten(), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("layers, normal", [
+    (None, ("conv",)),
+    ("linear", ("linear",)),
+    ((nn.Linear, "Conv2d"), ("conv", "linear")),
+    (["conv", nn.Conv2d, "linear"], ("conv", "linear")),
+])
+def test_layers_have_one_normal_form(layers, normal):
+    assert LayerSelection(layers).layers == normal, f"layers={layers!r} normalised to {LayerSelection(layers).layers}"
+
+
+def test_every_entry_point_has_the_same_default_selection():
+    default = LayerSelection()
+    found = {
+        "HashLossOptions": HashLossOptions().selection,
+        "BitQuantizerOptions": BitQuantizerOptions().selection,
+        "BitQuantizer": BitQuantizer(model(), 2, 2).selection,
+    }
+    for where, selection in found.items():
+        assert selection == default, f"{where} selects {selection} by default, not {default}"
+    assert plan_quantization(model()) == default.select(model()) == ["0", "2"], "the default is every plain conv"
