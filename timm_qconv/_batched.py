@@ -12,9 +12,8 @@ weight changed since, or that runs outside the model's own forward, computes its
 before. Results never outlive the forward that made them. A model converted for ``"eager"`` gets
 no hooks at all.
 
-:func:`hash_loss` does the same for the hash loss: one pass over all the weights gathers each
-level's weight count, weight sum and squared error, from which the loss and its gradient in the
-levels follow in closed form.
+:meth:`BatchedPath.level_stats` serves the hash loss (:mod:`timm_qconv.loss`): one pass over all
+the weights gathers each level's weight count, weight sum and squared error.
 """
 from __future__ import annotations
 
@@ -206,26 +205,23 @@ class BatchedPath:
             for layer in batch.layers:
                 layer.weight_override = None
 
-    def hash_loss(self, model: nn.Module) -> tuple[Tensor | None, list[nn.Module]]:
-        """See :func:`hash_loss`."""
-        total, covered = None, []
+    def level_stats(self, model: nn.Module) -> list[tuple[_Batch, Tensor, Tensor]]:
+        """For every batch the compiled kernels cover: the batch, its stacked levels ``(G, L)``
+        (with their graph) and per group, from one pass over the weights, each level's weight
+        count ``(G, L)``, weight sum ``(G, L)`` and the squared error ``(G, 1)``, side by side."""
+        found = []
         for batch in self.plan(model):
             if not self.compiled(batch):
                 continue
             levels = batch.levels()
-            frozen = levels.detach()
             with torch.no_grad():
                 weights = [layer.weight.detach() for layer in batch.layers]
                 stats_of = _compiled_all()[2]
-                per_channel = torch.cat([stats_of(rows, table) for rows, table in _as_rows(weights, frozen, batch.row_group)])
+                rows = _as_rows(weights, levels.detach(), batch.row_group)
+                per_channel = torch.cat([stats_of(w, table) for w, table in rows])
                 stats = levels.new_zeros(levels.shape[0], per_channel.shape[1]).index_add_(0, batch.row_group, per_channel)
-            n_levels = levels.shape[1]
-            count, weight_sum, error = stats[:, :n_levels], stats[:, n_levels:-1], stats[:, -1]
-            per_group = error + (2 * (count * frozen - weight_sum) * (levels - frozen)).sum(1)
-            term = (per_group * batch.inv_numel).sum()
-            total = term if total is None else total + term
-            covered += batch.layers
-        return total, covered
+            found.append((batch, levels, stats))
+        return found
 
 
 def batched_path(model: nn.Module) -> BatchedPath | None:
@@ -235,18 +231,6 @@ def batched_path(model: nn.Module) -> BatchedPath | None:
         if isinstance(owner, BatchedPath):
             return owner
     return None
-
-
-def hash_loss(model: nn.Module) -> tuple[Tensor | None, list[nn.Module]]:
-    """The summed hash loss of the layers the compiled kernels cover, from one pass over their
-    weights, and those layers (``(None, [])`` without a batched path or with the eager backend).
-
-    Equal to the sum of their :meth:`~timm_qconv.layers.QuantMixin.hash_loss` (weights
-    detached): per level, the value is the squared error of the weights that take it and the
-    gradient ``2 * (n * level - sum)``, from the level's weight count ``n`` and weight sum.
-    """
-    path = batched_path(model)
-    return (None, []) if path is None else path.hash_loss(model)
 
 
 def add_hooks(model: nn.Module, backend: str) -> BatchedPath:

@@ -8,11 +8,10 @@ layer during the first phase; ``before_quantize``/``after_quantize`` and ``befor
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from . import _batched
 from ._errors import check_choice, check_module
@@ -23,9 +22,6 @@ from .backend import set_kernel_backend
 from .layers import MODES, QUANT_LAYERS, QuantMixin
 from .plugins import call_hook
 from .selection import FilterFn, LayerSelection
-
-_CONVERT_ARGS = {"method", "layers", "avoid", "skip_first_last", "mode", "filter_fn", "kernels"}
-
 
 def plan_quantization(
     model: nn.Module,
@@ -156,23 +152,6 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, QuantMixin]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantMixin)]
 
 
-def hash_loss(model: nn.Module, wrt_weights: bool = False) -> Tensor:
-    """Sum of the quantized layers' hash losses (mean squared quantization error of each).
-
-    With the compiled kernels and ``wrt_weights=False``, the layers they cover are summed in one
-    pass (see :func:`timm_qconv._batched.hash_loss`); the others one by one.
-    """
-    layers = [m for _, m in quantized_layers(model)]
-    if not layers:
-        raise ValueError(f"model {type(model).__name__} has no quantized layer; call quantize_model first")
-    batched, covered = (None, []) if wrt_weights else _batched.hash_loss(model)
-    covered = {id(m) for m in covered}
-    losses = [m.hash_loss(wrt_weights) for m in layers if id(m) not in covered]
-    if batched is not None:
-        losses.append(batched)
-    return torch.stack(losses).sum()
-
-
 def freeze_model(model: nn.Module) -> nn.Module:
     """Replace every quantized layer by a plain ``nn.Conv2d``/``nn.Linear`` holding its quantized weight.
 
@@ -187,59 +166,3 @@ def freeze_model(model: nn.Module) -> nn.Module:
         _batched.remove_hooks(model)
     call_hook("after_freeze", model=model)
     return model
-
-
-def quantizeModel(n_functions: int | None = None, n_bits: int | None = None, **kwargs: Any) -> Callable[[Any], Any]:
-    """The prototype's decorator, kept for compatibility.
-
-    ``@quantizeModel(n_functions=4, n_bits=2)`` on an ``nn.Module`` class quantizes every instance at
-    the end of its ``__init__``; ``quantizeModel(...)(model)`` converts an existing instance. Both
-    give the model a ``get_hash_loss()`` method. Other keywords go to :func:`quantize_model`.
-    """
-    make_config(kwargs.get("method", "hash"), n_bits=n_bits, n_functions=n_functions,
-                **{k: v for k, v in kwargs.items() if k not in _CONVERT_ARGS})  # fail at decoration time
-
-    def convert(model: nn.Module) -> nn.Module:
-        return quantize_model(model, n_bits=n_bits, n_functions=n_functions, **kwargs)
-
-    def wrap_init(init: Callable[..., None]) -> Callable[..., None]:
-        # Convert once, when the outermost wrapped __init__ returns, so that layers a subclass adds
-        # after super().__init__() are converted too.
-        @functools.wraps(init)
-        def __init__(self: nn.Module, *args: Any, **kw: Any) -> None:
-            depth = self.__dict__.get("_timm_qconv_init_depth", 0)
-            self.__dict__["_timm_qconv_init_depth"] = depth + 1
-            try:
-                init(self, *args, **kw)
-            finally:
-                self.__dict__["_timm_qconv_init_depth"] = depth
-            if depth == 0:
-                del self.__dict__["_timm_qconv_init_depth"]
-                convert(self)
-
-        return __init__
-
-    def decorate(target: Any) -> Any:
-        if isinstance(target, type) and issubclass(target, nn.Module):
-            parent_hook = target.__dict__.get("__init_subclass__")
-
-            def __init_subclass__(sub: type, **kw: Any) -> None:
-                if parent_hook is not None:
-                    parent_hook.__func__(sub, **kw)
-                else:
-                    super(target, sub).__init_subclass__(**kw)
-                if "__init__" in sub.__dict__:
-                    sub.__init__ = wrap_init(sub.__init__)
-
-            target.__init__ = wrap_init(target.__init__)
-            target.__init_subclass__ = classmethod(__init_subclass__)
-            target.get_hash_loss = hash_loss
-            return target
-        if isinstance(target, nn.Module):
-            convert(target)
-            target.get_hash_loss = functools.partial(hash_loss, target)
-            return target
-        raise TypeError(f"quantizeModel decorates an nn.Module class or instance, not {target!r}")
-
-    return decorate
-

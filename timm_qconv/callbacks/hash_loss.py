@@ -21,8 +21,9 @@ from torch import Tensor, nn
 from .._errors import check_choice, check_float, check_int
 from .._registry import config_owner
 from ..config import QuantConfig
-from ..convert import freeze_model, hash_loss, quantize_model, quantized_layers
+from ..convert import freeze_model, quantize_model, quantized_layers
 from ..layers import MODES
+from ..loss import hash_loss
 from ..selection import LayerSelection
 from .base import QuantCallback, TrainControl, TrainState, method_config, resolve_options
 
