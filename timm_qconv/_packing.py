@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 
 from ._errors import check_int
-
-MAX_BITS = 8
+from .config import MAX_BITS
 
 
 def packed_size(n_codes: int, n_bits: int) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 
 from ._errors import check_int
 
+#: The widest quantized weight, in bits: configs, export and bit packing all stop here.
 MAX_BITS = 8
 
 
@@ -21,8 +22,9 @@ class QuantConfig:
 
     Args:
         n_bits: bits per weight; a group has at most ``2**n_bits`` quantization levels (1..8).
-        n_functions: groups of output channels per layer, each with its own levels. Clamped to the
-            layer's number of output channels; the split may be uneven.
+        n_functions: channel groups per layer: the output channels are split into this many
+            contiguous groups, each with its own levels (the prototype's "hash functions").
+            Clamped to the layer's number of output channels; the split may be uneven.
     """
 
     n_bits: int = 4

@@ -5,7 +5,8 @@ from .base import Quantizer
 from .hash import HashConfig, HashQuantizer
 from .kmeans import KMeansConfig, KMeansQuantizer
 from .linear import LinearConfig, LinearQuantizer
-from .log import LogConfig, LogQuantizer, ScaledShapeQuantizer
+from .log import LogConfig, LogQuantizer
+from .scaled_shape import ScaledShapeQuantizer
 from .poly import PolyConfig, PolyQuantizer
 
 BUILTIN_METHODS = {

@@ -22,7 +22,7 @@ from .._errors import check_int
 from .._groups import SortedGroups
 from ..config import QuantConfig
 from .base import Quantizer
-from .kmeans import density_init, lloyd
+from .lloyd import density_init, lloyd
 
 # Step of the MSE-optimal uniform quantizer for a unit Gaussian, by number of levels (J. Max, 1960).
 _START_SCALES = (0.8, 1.0, 1.25)

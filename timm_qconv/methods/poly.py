@@ -21,7 +21,7 @@ from .._errors import check_float, check_int
 from .._groups import SortedGroups
 from ..config import QuantConfig
 from .base import Quantizer
-from .kmeans import density_init, lloyd
+from .lloyd import density_init, lloyd
 
 
 @dataclass

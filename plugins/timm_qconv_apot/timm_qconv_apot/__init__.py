@@ -3,7 +3,7 @@
 This module is the plugin object: the ``timm_qconv`` entry point ``apot`` names it, and the
 plugin manager calls its ``register_methods`` hook, as it does for the built-in methods.
 """
-from timm_qconv import hookimpl
+from timm_qconv.plugin_api import hookimpl
 
 from .apot import ApotConfig, ApotQuantizer, apot_shape
 

@@ -9,7 +9,7 @@ Compared with ``log`` (one power of two per level), the levels are denser near t
 weights; a multiplication is still ``n`` shifts and adds.
 
 The scale is fitted like ``log``'s: nearest-level assignment, then the least-squares scale, from
-several starts (:func:`timm_qconv.methods.log.fit_scale`). It is learnable in the log domain.
+several starts (:func:`timm_qconv.plugin_api.fit_scale`). It is learnable in the log domain.
 
 Reference: Y. Li, X. Dong, W. Wang, "Additive Powers-of-Two Quantization: An Efficient
 Non-uniform Discretization for Neural Networks", ICLR 2020.
@@ -21,10 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from timm_qconv import QuantConfig
-from timm_qconv._errors import check_int
-from timm_qconv.config import MAX_BITS
-from timm_qconv.methods.log import ScaledShapeQuantizer
+from timm_qconv.plugin_api import MAX_BITS, QuantConfig, ScaledShapeQuantizer, check_int
 
 
 def apot_shape(n_bits: int, base_bits: int = 2, device: torch.device | None = None) -> Tensor:

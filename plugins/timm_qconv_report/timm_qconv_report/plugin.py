@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from timm_qconv import hookimpl
+from timm_qconv.plugin_api import hookimpl
 
 from .files import encode_records, write_atomic
 from .plots import errors_png, have_matplotlib, histograms_png

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from timm_qconv import quantized_layers
+from timm_qconv.plugin_api import quantized_layers
 
 SAMPLE = 20_000  # weights kept per layer for the histogram
 

@@ -1,0 +1,59 @@
+"""Levels that are a fixed shape times a learnable scale per group: :class:`ScaledShapeQuantizer`.
+
+The base of ``log`` and of plugins such as ``apot``: a subclass only says which sorted shape its
+levels have for scale 1 (:meth:`ScaledShapeQuantizer.level_shape`); the scale of each group is
+fitted by :func:`fit_scale` and learned in the log domain, so that it stays positive.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .._groups import SortedGroups
+from ..config import QuantConfig
+from .base import Quantizer
+
+
+def fit_scale(stats: SortedGroups, shape: Tensor, n_iter: int, starts: int = 8) -> Tensor:
+    """Least-squares scale per group (G,) for levels ``s * shape``: the best of ``starts`` starts in one octave."""
+    g = torch.arange(stats.n_groups, device=stats.sorted.device)
+    peak = torch.maximum(stats.sorted[:, 0].abs(), stats.sorted[g, stats.counts - 1].abs()).double()
+    peak = peak.clamp_min(torch.finfo(torch.float32).tiny)
+    shape = shape.double()
+    factors = 2.0 ** (-torch.arange(starts, dtype=torch.float64, device=peak.device) / starts)
+    scale = peak[:, None] * factors  # (G, S): S candidate scales per group, fitted side by side
+    for step in range(n_iter + 1):
+        levels = scale[..., None] * shape  # (G, S, L)
+        cells = stats.nearest_stats(levels)
+        if step == n_iter:
+            break
+        n, s1, _ = cells
+        new = (s1 * shape).sum(-1) / (n * shape * shape).sum(-1).clamp_min(1e-300)
+        scale = torch.where(new > 0, new, scale)
+    err = SortedGroups.cell_error(levels, cells)
+    return scale.gather(1, err.argmin(1, keepdim=True)).squeeze(1).float()
+
+
+class ScaledShapeQuantizer(Quantizer):
+    """Levels are a fixed sorted shape times a learnable scale per group (fitted by :func:`fit_scale`).
+
+    Subclasses give the shape through :meth:`level_shape`; their config needs ``init_iters``.
+    """
+
+    def level_shape(self, config: QuantConfig, device: torch.device) -> Tensor:
+        """The sorted levels for scale 1, ``(L,)`` with ``L <= 2**n_bits``."""
+        raise NotImplementedError
+
+    def __init__(self, weight: Tensor, config: QuantConfig, stats: SortedGroups | None = None) -> None:
+        super().__init__(weight, config, stats)
+        self.register_buffer("shape", self.level_shape(config, weight.device), persistent=False)
+        stats = self.weight_stats(weight, stats)
+        # Learn the scale in the log domain so that it stays positive.
+        self.log_scale = nn.Parameter(fit_scale(stats, self.shape, config.init_iters).log())
+
+    def levels(self) -> Tensor:
+        return self.log_scale.exp()[:, None] * self.shape
+
+    @torch.no_grad()
+    def fit_(self, stats: SortedGroups, n_iter: int, rows: Tensor | None = None) -> None:
+        self.log_scale.copy_(fit_scale(stats, self.shape, n_iter).log())
