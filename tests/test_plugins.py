@@ -207,8 +207,9 @@ def png_written(path: Path) -> bool:
     return path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_report_plugin_records_every_epoch_and_plots_at_the_end(env, tmp_path, monkeypatch):
+def test_report_plugin_records_every_epoch_and_plots_at_the_end(env, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TIMM_QCONV_REPORT_DIR", str(tmp_path / "report"))
+    monkeypatch.setenv("TIMM_QCONV_REPORT", "1")
     env.set("report")
     model = quantize_model(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1)), n_bits=2, n_functions=2)
     for event, epoch in [("on_train_begin", 0), ("on_epoch_end", 0), ("on_epoch_end", 1), ("on_train_end", 1)]:
@@ -228,6 +229,37 @@ def test_report_plugin_records_every_epoch_and_plots_at_the_end(env, tmp_path, m
         assert png_written(tmp_path / "report" / name) == has_matplotlib, f"{name} (matplotlib: {has_matplotlib})"
     leftovers = [p.name for p in (tmp_path / "report").iterdir() if p.name.endswith(".tmp")]
     assert not leftovers, f"temporary files left: {leftovers}"
+    err = capsys.readouterr().err
+    assert str((tmp_path / "report" / "records.csv").resolve()) in err, f"where it wrote was not said: {err!r}"
+
+
+@pytest.mark.parametrize("value", [None, "0"])
+def test_installed_report_plugin_does_nothing_unless_switched_on(env, tmp_path, monkeypatch, capsys, value):
+    monkeypatch.chdir(tmp_path)
+    if value is None:
+        monkeypatch.delenv("TIMM_QCONV_REPORT", raising=False)
+    else:
+        monkeypatch.setenv("TIMM_QCONV_REPORT", value)
+    env.set("report")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1))
+    BitQuantizer(model, n_functions=2, n_bits=2).train_hash_functions(2)
+    quantize_model(model, n_bits=2, n_functions=2)
+    for event in ("on_train_begin", "on_epoch_end", "on_train_end"):
+        call_hook("training_event", event=event, state=SimpleNamespace(epoch=0, global_step=0), control=None,
+                  payload={"model": model})
+    assert not list(tmp_path.iterdir()), f"the installed plugin wrote {list(tmp_path.iterdir())} without being asked"
+    assert "timm_qconv_report" not in capsys.readouterr().err
+
+
+def test_report_histogram_shows_one_group_levels_over_its_weights():
+    from timm_qconv_report.snapshot import from_model
+
+    model = quantize_model(nn.Sequential(nn.Conv2d(3, 8, 3)), n_bits=2, n_functions=4)
+    (snap,) = from_model(model)
+    group = model[0].weight.detach()[model[0].quantizer.group_index == 0].flatten()
+    assert snap.n_groups == 4 and 1 < snap.group_levels.numel() <= 2**2, (snap.n_groups, snap.group_levels)
+    assert torch.equal(snap.weight_sample, group), "the histogram's weights are not the first group's"
+    assert snap.n_levels > snap.group_levels.numel(), "the layer's levels should outnumber one group's"
 
 
 def test_report_plugin_instance_records_bit_quantizer_passes_as_json(tmp_path):

@@ -24,7 +24,9 @@ def _png(fig: Any) -> bytes:
 
 
 def histograms_png(snapshots: Sequence[LayerSnapshot], columns: int = 4) -> bytes:
-    """One panel per layer: the histogram of its weights, its quantization levels as vertical lines."""
+    """One panel per layer: the histogram of its first channel group's weights, with that group's
+    levels as vertical lines (each group has its own levels; all of them at once would hide the
+    fit)."""
     from matplotlib.figure import Figure
 
     columns = min(columns, len(snapshots))
@@ -32,9 +34,10 @@ def histograms_png(snapshots: Sequence[LayerSnapshot], columns: int = 4) -> byte
     fig = Figure(figsize=(4 * columns, 2.6 * rows), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False).flatten()
     for ax, snap in zip(axes, snapshots):
-        ax.hist(snap.weight_sample.numpy(), bins=100, color="0.6")
-        ax.vlines(snap.levels.numpy(), 0, 1, transform=ax.get_xaxis_transform(), colors="C3", linewidths=0.6, alpha=0.6)
-        ax.set_title(f"{snap.name}: {snap.n_bits}-bit, {snap.n_levels} levels", fontsize=8)
+        ax.hist(snap.weight_sample.numpy(), bins=80, color="0.65")
+        ax.vlines(snap.group_levels.numpy(), 0, 1, transform=ax.get_xaxis_transform(), colors="C3", linewidths=1.0)
+        ax.set_title(f"{snap.name}: group 1 of {snap.n_groups}, {snap.n_bits}-bit, "
+                     f"{snap.group_levels.numel()} levels", fontsize=8)
         ax.tick_params(labelsize=6)
     for ax in axes[len(snapshots):]:
         ax.set_visible(False)

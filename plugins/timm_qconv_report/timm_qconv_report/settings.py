@@ -1,9 +1,11 @@
-"""Where the report goes and in which format: an argument, else an environment variable, else the default."""
+"""Whether the report is on, where it goes and in which format: an argument, else an environment
+variable, else the default (off, ``./timm-qconv-report``, CSV)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+ENABLE_ENV = "TIMM_QCONV_REPORT"
 DIR_ENV = "TIMM_QCONV_REPORT_DIR"
 FORMAT_ENV = "TIMM_QCONV_REPORT_FORMAT"
 # Not "timm_qconv_report": a folder with the package's name in the working directory would shadow
@@ -29,3 +31,15 @@ def resolve_format(fmt: str | None) -> str:
     if fmt is not None:
         return check_format(fmt)
     return check_format(os.environ.get(FORMAT_ENV) or "csv", FORMAT_ENV)
+
+
+def resolve_enabled(enabled: bool | None) -> bool:
+    """``enabled``, else whether ``$TIMM_QCONV_REPORT`` is ``1``/``true``/``yes``/``on`` (off when unset)."""
+    if enabled is not None:
+        return enabled
+    value = os.environ.get(ENABLE_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{ENABLE_ENV}={value!r} is not allowed; expected 1/true/yes/on or 0/false/no/off (or unset)")
