@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import urlparse
 
+from ._state_dict import state_dict_mismatch
+from ._table import render_table
+
 PROG = "timm-qconv"
 DEFAULT_HUB = "https://huggingface.co"
 PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
@@ -155,14 +158,9 @@ def _read_state_dict(path: str) -> dict[str, Any]:
 
 def _load_checkpoint(model: Any, path: str) -> None:
     state = _read_state_dict(path)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = [f"{label} {items[:3]}{' ...' if len(items) > 3 else ''}" for label, items in
-                 (("missing", missing), ("unexpected", unexpected), ("different shapes", wrong)) if items]
-        raise CLIError(f"argument --checkpoint: {path!r} does not fit {type(model).__name__}: " + "; ".join(parts))
+    mismatch = state_dict_mismatch({k: v.shape for k, v in model.state_dict().items()}, state, shown=3)
+    if mismatch:
+        raise CLIError(f"argument --checkpoint: {path!r} does not fit {type(model).__name__}: {mismatch}")
     model.load_state_dict(state)
 
 
@@ -242,8 +240,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("checksum", "sha256 ok"),
         ("format version", str(config["format_version"])),
     ]
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
+    print(render_table(rows))
     return 0
 
 
@@ -258,14 +255,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     """List the loaded plugins (built-ins first) with their versions, hooks and methods."""
     from .plugins import describe_plugins
 
-    rows = [("plugin", "version", "hooks", "methods")]
-    for p in describe_plugins():
-        rows.append((p["name"], str(p.get("version") or "-"), ", ".join(p.get("hooks") or []) or "-",
-                     ", ".join(p.get("methods") or []) or "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "-" * max(len(line) for line in lines))
-    print("\n".join(lines))
+    rows = [(p["name"], str(p.get("version") or "-"), ", ".join(p.get("hooks") or []) or "-",
+             ", ".join(p.get("methods") or []) or "-") for p in describe_plugins()]
+    print(render_table(rows, header=("plugin", "version", "hooks", "methods")))
     return 0
 
 

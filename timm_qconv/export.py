@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ._groups import as_rows, group_index
 from ._packing import MAX_BITS, pack_bits, unpack_bits
 from .bit_quantizer import BitQuantizer
+from ._state_dict import state_dict_mismatch
 from .convert import freeze_model, quantized_layers
 from .layers import QuantMixin
 from .methods.base import Quantizer
@@ -336,19 +337,10 @@ def _plain_shapes(model: nn.Module) -> dict[str, torch.Size]:
 
 
 def _check_fits(model: nn.Module, state: dict[str, Tensor], config: dict[str, Any]) -> None:
-    shapes = _plain_shapes(model)
-    missing = sorted(set(shapes) - set(state))
-    unexpected = sorted(set(state) - set(shapes))
-    wrong = [f"{k}: file {tuple(state[k].shape)}, model {tuple(shapes[k])}"
-             for k in shapes if k in state and state[k].shape != shapes[k]]
-    if missing or unexpected or wrong:
-        parts = [f"{label} {items[:5]}{' ...' if len(items) > 5 else ''} ({len(items)})"
-                 for label, items in (("missing from the file:", missing), ("not in the model:", unexpected),
-                                      ("different shapes:", wrong)) if items]
-        raise ValueError(
-            f"model={type(model).__name__} does not match the saved architecture "
-            f"{config.get('architecture') or config.get('model_class')!r}; " + "; ".join(parts)
-        )
+    mismatch = state_dict_mismatch(_plain_shapes(model), state)
+    if mismatch:
+        raise ValueError(f"model={type(model).__name__} does not match the saved architecture "
+                         f"{config.get('architecture') or config.get('model_class')!r}; {mismatch}")
 
 
 def _create_model(config: dict[str, Any]) -> nn.Module:

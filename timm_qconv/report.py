@@ -5,6 +5,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
+from ._table import render_table
+
 
 @dataclass(frozen=True)
 class LayerReport:
@@ -65,11 +67,6 @@ class QuantReport:
         rows = [(r.name, "x".join(map(str, r.shape)), str(r.n_bits), str(r.groups), f"{r.rel_error:.5f}", f"{r.sqnr_db:.2f}")
                 for r in self.layers]
         rows.append(("total", "", "", "", f"{self.rel_error:.5f}", f"{self.sqnr_db:.2f}"))
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                 for row in [header, *rows]]
-        lines.insert(1, "-" * len(lines[0]))
-        lines.insert(len(lines) - 1, "-" * len(lines[0]))
-        return "\n".join(lines)
+        return render_table(rows, header, align="llrrrr", rule_before=[len(rows) - 1])
 
     __repr__ = __str__

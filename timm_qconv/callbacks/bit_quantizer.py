@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .._errors import check_int
+from .._table import render_table
 from .._registry import config_owner
 from ..bit_quantizer import BitQuantizer
 from ..config import QuantConfig
@@ -163,10 +164,9 @@ class BitQuantizerCallback(QuantCallback):
         lines = [f"timm_qconv BitQuantizer ({config_owner(c).name}, {c.n_bits} bits, {c.n_functions} functions) "
                  f"at epoch {row['epoch']}, step {row['step']}: relative weight error {row['rel_error']:.4g}"]
         if row["float"]:
-            width = max(len("metric"), *(len(name) for name in row["float"]))
-            lines.append(f"  {'metric':<{width}}  {'float':>10}  {'quantized':>10}")
-            for name, value in row["float"].items():
-                lines.append(f"  {name:<{width}}  {value:>10.4f}  {row['quantized'].get(name, float('nan')):>10.4f}")
+            cells = [(name, f"{value:.4f}", f"{row['quantized'].get(name, float('nan')):.4f}")
+                     for name, value in row["float"].items()]
+            lines.append(render_table(cells, header=("metric", "float", "quantized"), align="lrr", indent="  "))
         return "\n".join(lines)
 
     # ----------------------------------------------------------------- events
