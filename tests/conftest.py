@@ -4,8 +4,11 @@ One thread because the CI machine has two cores shared with other jobs: with tor
 (one thread per core) small convolutions spend most of their time waiting on each other, and the
 suite runs an order of magnitude slower.
 """
+from collections import OrderedDict
+
 import pytest
 import torch
+from torch import nn
 
 torch.set_num_threads(1)
 
@@ -27,3 +30,42 @@ os.environ.setdefault("TIMM_QCONV_PLUGINS", "")
 # explicit value is kept: `TIMM_QCONV_KERNELS=compiled pytest tests/test_accelerate.py` runs the
 # two-process test on the compiled path.
 os.environ.setdefault("TIMM_QCONV_KERNELS", "eager")
+
+
+# ----------------------------------------------------------------------------- shared helpers
+# Test modules import these with ``from conftest import ...`` (pytest puts tests/ on sys.path).
+
+
+def small_model() -> nn.Sequential:
+    """Three convs and a linear head with named parts: stem, layer1.conv1, layer1.conv2, head."""
+    return nn.Sequential(OrderedDict(
+        stem=nn.Conv2d(3, 8, 3, padding=1),
+        layer1=nn.Sequential(OrderedDict(conv1=nn.Conv2d(8, 8, 3, padding=1), conv2=nn.Conv2d(8, 8, 1))),
+        pool=nn.AdaptiveAvgPool2d(1),
+        flatten=nn.Flatten(),
+        head=nn.Linear(8, 4),
+    ))
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ``(4, 3, 8, 8)`` and 4-class targets, the same for the same ``step``."""
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 4, (4,), generator=g)
+
+
+def snapshot(model: nn.Module) -> tuple[list, dict]:
+    """The model's modules (names, identities, types) and a copy of its state dict."""
+    modules = [(name, id(m), type(m)) for name, m in model.named_modules(remove_duplicate=False)]
+    return modules, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model: nn.Module, before: tuple[list, dict], what: str) -> None:
+    """Fail, saying ``what`` was called, if ``model`` differs from its :func:`snapshot` ``before``."""
+    modules, state = before
+    now = [(name, id(m), type(m)) for name, m in model.named_modules(remove_duplicate=False)]
+    assert now == modules, f"{what}: the model's modules changed although the call failed"
+    after = model.state_dict()
+    assert after.keys() == state.keys(), f"{what}: state dict keys changed: {set(after) ^ set(state)}"
+    for key, value in state.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda m, key=key: f"{what}: {key} changed although the call failed: {m}")

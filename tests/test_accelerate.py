@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import batch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from torch import nn
@@ -27,11 +28,6 @@ def _fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     yield
     AcceleratorState._reset_state(True)
-
-
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(step)
-    return torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 4, (4,), generator=g)
 
 
 def run(checkpoint: Path, steps: range, save_at: int | None = None, resume: bool = False, **options) -> dict[int, float]:

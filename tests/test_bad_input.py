@@ -1,41 +1,13 @@
 """Bad input: a ValueError/TypeError naming the argument and the value, and the model left untouched."""
 import re
-from collections import OrderedDict
 
 import pytest
 import torch
+from conftest import assert_unchanged, small_model, snapshot
 from torch import nn
 
 from timm_qconv import QuantConv2d, QuantLinear, freeze_model, hash_loss, list_methods, quantizeModel, quantize_model
 
-
-def small_model() -> nn.Sequential:
-    return nn.Sequential(OrderedDict(
-        stem=nn.Conv2d(3, 8, 3, padding=1),
-        layer1=nn.Sequential(OrderedDict(conv1=nn.Conv2d(8, 8, 3, padding=1), conv2=nn.Conv2d(8, 8, 1))),
-        pool=nn.AdaptiveAvgPool2d(1),
-        flatten=nn.Flatten(),
-        head=nn.Linear(8, 4),
-    ))
-
-
-def snapshot(model: nn.Module) -> tuple[list, dict]:
-    modules = [(name, id(m), type(m)) for name, m in model.named_modules(remove_duplicate=False)]
-    return modules, {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_unchanged(model: nn.Module, before: tuple[list, dict], what: str) -> None:
-    modules, state = before
-    now = [(name, id(m), type(m)) for name, m in model.named_modules(remove_duplicate=False)]
-    assert now == modules, f"{what}: the model's modules changed although the call failed"
-    after = model.state_dict()
-    assert after.keys() == state.keys(), f"{what}: state dict keys changed: {set(after) ^ set(state)}"
-    for key, value in state.items():
-        torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True,
-                                   msg=lambda m, key=key: f"{what}: {key} changed although the call failed: {m}")
-
-
-# (keyword arguments of quantize_model, expected exception, regex the message must match)
 BAD_ARGUMENTS = {
     "n_bits=0": (dict(n_bits=0), ValueError, r"n_bits=0\b.*1\.\.8"),
     "n_bits=9": (dict(n_bits=9), ValueError, r"n_bits=9\b.*1\.\.8"),

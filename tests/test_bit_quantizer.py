@@ -1,5 +1,6 @@
 """BitQuantizer: the prototype's API, quality against reference k-means, and bad input."""
 import copy
+import json
 
 import pytest
 import torch
@@ -123,6 +124,16 @@ def test_report_rows_and_table():
     assert first.sqnr_db == pytest.approx(-10 * torch.log10(torch.tensor(first.rel_error)).item(), rel=1e-6)
     table = str(report)
     assert "encoder.1" in table and "SQNR" in table and "total" in table, table
+
+
+def test_report_as_dicts_survives_json():
+    report = BitQuantizer(MyModel(), 4, 2).train_hash_functions(2).report()
+    rows = json.loads(json.dumps(report.to_dicts()))
+    assert [r["name"] for r in rows] == ["conv1", "encoder.0", "encoder.1"], rows
+    first = rows[0]
+    assert first["shape"] == [64, 3, 3, 3] and first["n_bits"] == 2 and first["groups"] == 4, first
+    assert first["rel_error"] == pytest.approx(report[0].rel_error) and first["sqnr_db"] == pytest.approx(report[0].sqnr_db)
+    assert first["sq_error"] / first["sq_weight"] == pytest.approx(first["rel_error"]), first
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import batch
 from torch import nn
 
 from timm_qconv import QuantMixin, freeze_model, quantize_model, quantized_layers
@@ -15,11 +16,6 @@ from timm_qconv.plugins import register_plugin, unregister_plugin
 def tiny_model() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(8, 4))
-
-
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(step)
-    return torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 4, (4,), generator=g)
 
 
 def levels(model: nn.Module) -> dict[str, torch.Tensor]:

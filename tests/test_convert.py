@@ -31,7 +31,7 @@ def block() -> nn.Sequential:
     ))
 
 
-def small_model() -> nn.Sequential:
+def resnet_like() -> nn.Sequential:
     """A resnet-like naming: stem, layer1 (two blocks), layer2 (one block), head."""
     return nn.Sequential(OrderedDict(
         stem=nn.Conv2d(3, 8, 3, padding=1),
@@ -59,7 +59,7 @@ def x_small() -> torch.Tensor:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_quantize_model_converts_convs_in_place(method):
-    model = small_model()
+    model = resnet_like()
     head = model.head
     out = quantize_model(model, method=method, n_bits=2, n_functions=4)
     assert out is model, f"{method}: quantize_model returned a new object instead of the model"
@@ -71,16 +71,34 @@ def test_quantize_model_converts_convs_in_place(method):
 
 
 def test_quantize_model_twice_raises_nothing_to_quantize():
-    model = quantize_model(small_model(), n_bits=2)
+    model = quantize_model(resnet_like(), n_bits=2)
     with pytest.raises(ValueError, match="no layer"):
         quantize_model(model, n_bits=2)
 
 
 def test_plan_quantization_lists_without_changing():
-    model = small_model()
+    model = resnet_like()
     types = [type(m) for m in model.modules()]
     assert plan_quantization(model) == CONVS, f"plan: {plan_quantization(model)}"
     assert [type(m) for m in model.modules()] == types, "plan_quantization changed the model"
+
+
+def mean_squared_error_to_levels(model: nn.Module) -> torch.Tensor:
+    """The hash loss computed here from its definition, in eval mode: per layer, the mean squared
+    distance of each weight to its nearest level of its channel group (by brute force), summed."""
+    total = torch.zeros((), dtype=torch.float64)
+    for _, layer in quantized_layers(model):
+        rows = layer.weight.detach().flatten(1).double()
+        quantizer = layer.quantizer
+        with torch.no_grad():
+            if quantizer.nearest:
+                table = quantizer.levels().double()[quantizer.group_index]  # (C, L)
+                nearest = (rows[:, :, None] - table[:, None, :]).abs().argmin(-1)
+                q = table.gather(1, nearest)
+            else:  # the method picks the level itself: its code for the weight
+                q = quantizer.decode(quantizer.encode(rows.float())).double()
+        total += (q - rows).square().mean()
+    return total
 
 
 def test_prototype_readme_snippet():
@@ -104,36 +122,46 @@ def test_prototype_readme_snippet():
     assert layer.quant_config.n_bits == 2 and layer.quantizer.n_groups == 4, (
         f"README snippet: n_bits={layer.quant_config.n_bits}, groups={layer.quantizer.n_groups}, expected 2 and 4"
     )
+    model.eval()
     loss = model.get_hash_loss()
-    assert torch.equal(loss, hash_loss(model)), "get_hash_loss() differs from hash_loss(model)"
+    reference = mean_squared_error_to_levels(model)
+    assert reference > 0, "the weights should not sit exactly on their levels"
+    torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=0,
+                               msg=lambda m: f"get_hash_loss() is not the summed squared error to the levels: {m}")
     second = MyModel()
     assert isinstance(second.conv1, QuantConv2d), "a second instance of the decorated class is not quantized"
 
 
 def test_decorator_on_instance():
-    model = small_model()
+    model = resnet_like()
     out = quantizeModel(n_functions=4, n_bits=2)(model)
     assert out is model, "quantizeModel(...)(model) returned a different object"
     assert quantized_names(model) == CONVS, f"quantizeModel(...)(model) quantized {quantized_names(model)}"
     assert model.layer1[0].conv1.quant_config.n_bits == 2, "n_bits not passed through the decorator"
-    torch.testing.assert_close(model.get_hash_loss(), hash_loss(model), rtol=0, atol=0, msg="get_hash_loss differs from hash_loss")
+    loss = model.eval().get_hash_loss()
+    torch.testing.assert_close(loss.double(), mean_squared_error_to_levels(model), rtol=1e-5, atol=0,
+                               msg=lambda m: f"get_hash_loss() is not the summed squared error to the levels: {m}")
+    loss.backward()
+    assert all(p.grad is not None for _, m in quantized_layers(model) for p in m.quantizer.parameters()), \
+        "get_hash_loss() does not reach every quantizer's parameters"
 
 
 def test_decorator_passes_conversion_options():
-    model = quantizeModel(n_functions=2, n_bits=2, method="log", layers=("conv", "linear"), avoid=["layer2"])(small_model())
+    model = quantizeModel(n_functions=2, n_bits=2, method="log", layers=("conv", "linear"), avoid=["layer2"])(resnet_like())
     names = quantized_names(model)
     assert "head" in names and not any(n.startswith("layer2") for n in names), f"decorator options ignored: {names}"
     assert all(m.quantizer.name == "log" for _, m in quantized_layers(model)), "method= not passed by the decorator"
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_hash_loss_is_sum_of_layer_losses(method):
-    model = quantize_model(small_model(), method=method, n_bits=2, n_functions=4, layers=("conv", "linear"))
+def test_hash_loss_is_the_summed_squared_error_to_the_levels(method):
+    model = quantize_model(resnet_like(), method=method, n_bits=2, n_functions=4, layers=("conv", "linear")).eval()
     layers = quantized_layers(model)
-    expected = torch.stack([m.hash_loss() for _, m in layers]).sum()
-    total = hash_loss(model)
-    torch.testing.assert_close(total, expected, msg=lambda m: f"{method}: hash_loss(model) != sum of layers: {m}")
     assert len(layers) == len(CONVS) + 1, f"{method}: {len(layers)} quantized layers"
+    expected = mean_squared_error_to_levels(model)
+    total = hash_loss(model)
+    torch.testing.assert_close(total.double(), expected, rtol=1e-5, atol=0,
+                               msg=lambda m: f"{method}: hash_loss(model) != summed squared error to the levels: {m}")
 
 
 # ----------------------------------------------------------------------------- selection
@@ -151,7 +179,7 @@ def test_hash_loss_is_sum_of_layer_losses(method):
     ids=["name", "glob-children", "glob-suffix", "exact-names", "mixed"],
 )
 def test_avoid_names_and_globs(avoid, kept):
-    model = quantize_model(small_model(), n_bits=2, n_functions=2, avoid=avoid)
+    model = quantize_model(resnet_like(), n_bits=2, n_functions=2, avoid=avoid)
     modules = dict(model.named_modules())
     for name in CONVS:
         if name in kept:
@@ -161,16 +189,16 @@ def test_avoid_names_and_globs(avoid, kept):
 
 
 def test_filter_fn_selects_layers():
-    model = quantize_model(small_model(), n_bits=2, filter_fn=lambda module, name: module.groups == 1)
+    model = quantize_model(resnet_like(), n_bits=2, filter_fn=lambda module, name: module.groups == 1)
     names = quantized_names(model)
     assert names == ["stem", "layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1"], f"filter_fn selected {names}"
 
 
 def test_skip_first_last_plain_model_uses_first_and_last_layer():
-    model = quantize_model(small_model(), n_bits=2, layers=(nn.Conv2d, nn.Linear), skip_first_last=True)
+    model = quantize_model(resnet_like(), n_bits=2, layers=(nn.Conv2d, nn.Linear), skip_first_last=True)
     names = quantized_names(model)
     assert names == CONVS[1:], f"skip_first_last on a plain model quantized {names}; expected all but stem and head"
-    model = quantize_model(small_model(), n_bits=2, skip_first_last=True)
+    model = quantize_model(resnet_like(), n_bits=2, skip_first_last=True)
     names = quantized_names(model)
     assert names == CONVS[1:-1], f"skip_first_last with convs only quantized {names}; expected all but the first and last conv"
 
@@ -199,14 +227,14 @@ def test_skip_first_last_timm_keeps_last_conv_when_classifier_is_linear():
 
 @pytest.mark.parametrize("layers", [(nn.Linear,), ("linear",), nn.Linear, "linear"], ids=["class", "name", "bare-class", "bare-name"])
 def test_layers_linear_only(layers):
-    model = quantize_model(small_model(), n_bits=2, layers=layers)
+    model = quantize_model(resnet_like(), n_bits=2, layers=layers)
     assert quantized_names(model) == ["head"], f"layers={layers!r} quantized {quantized_names(model)}"
     assert isinstance(model.head, QuantLinear), f"layers={layers!r}: head is {type(model.head).__name__}"
 
 
 @pytest.mark.parametrize("layers", [("conv", "linear"), (nn.Conv2d, nn.Linear), ("Conv2d", "Linear")])
 def test_layers_conv_and_linear(layers):
-    model = quantize_model(small_model(), n_bits=2, layers=layers)
+    model = quantize_model(resnet_like(), n_bits=2, layers=layers)
     assert quantized_names(model) == CONVS + ["head"], f"layers={layers!r} quantized {quantized_names(model)}"
     assert model(x_small()).shape == (2, 10), f"layers={layers!r}: bad output shape"
 
@@ -262,7 +290,7 @@ def test_module_shared_within_one_parent_is_replaced_in_every_slot():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_freeze_model_leaves_only_plain_layers(method):
-    model = quantize_model(small_model(), method=method, n_bits=2, n_functions=4, layers=("conv", "linear"))
+    model = quantize_model(resnet_like(), method=method, n_bits=2, n_functions=4, layers=("conv", "linear"))
     model.train()
     model(x_small())  # one training forward, so stateful quantizers have moved
     model.eval()
@@ -279,7 +307,7 @@ def test_freeze_model_leaves_only_plain_layers(method):
     with torch.no_grad():
         assert torch.equal(frozen(x), expected), f"{method}: frozen output differs from the quantized eval output"
 
-    plain = small_model()  # a plain copy of the original architecture, other random weights
+    plain = resnet_like()  # a plain copy of the original architecture, other random weights
     plain.load_state_dict(frozen.state_dict(), strict=True)
     plain.eval()
     with torch.no_grad():
@@ -287,7 +315,7 @@ def test_freeze_model_leaves_only_plain_layers(method):
 
 
 def test_frozen_model_pickles_without_timm_qconv():
-    model = quantize_model(small_model(), n_bits=2, layers=("conv", "linear"))
+    model = quantize_model(resnet_like(), n_bits=2, layers=("conv", "linear"))
     buffer = io.BytesIO()
     torch.save(freeze_model(model), buffer)
     assert b"timm_qconv" not in buffer.getvalue(), "the pickled frozen model refers to timm_qconv"

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import pytest
 import timm
 import torch
+from conftest import assert_unchanged, snapshot
 from torch import nn
 
 from timm_qconv import BitQuantizer, LogConfig, QuantMixin, freeze_model, hookimpl, quantize_model, quantized_layers
@@ -26,7 +27,8 @@ def registered(plugin: Any, name: str) -> Iterator[Any]:
         unregister_plugin(plugin)
 
 
-def small_model() -> nn.Sequential:
+def model_with_downsample() -> nn.Sequential:
+    """stem, body and down convs and a linear head."""
     return nn.Sequential(OrderedDict(
         stem=nn.Conv2d(3, 8, 3, padding=1), act=nn.ReLU(),
         body=nn.Conv2d(8, 8, 3, padding=1), down=nn.Conv2d(8, 8, 1, stride=2),
@@ -43,20 +45,6 @@ class Decide:
     @hookimpl
     def layer_quant_config(self, name, module, config):
         return self.decisions.get(name)
-
-
-def state_of(model: nn.Module) -> dict[str, Any]:
-    """Module types and weights, to check that a failed call left the model unchanged."""
-    return {"types": [type(m) for m in model.modules()],
-            "weights": {k: v.clone() for k, v in model.state_dict().items()}}
-
-
-def assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
-    after = state_of(model)
-    assert after["types"] == before["types"], "a failed quantize_model swapped modules"
-    assert after["weights"].keys() == before["weights"].keys(), "a failed quantize_model changed the state dict"
-    for key, value in before["weights"].items():
-        assert torch.equal(after["weights"][key], value), f"a failed quantize_model changed {key}"
 
 
 # ----------------------------------------------------------------------------- layer_quant_config
@@ -85,7 +73,7 @@ def test_first_result_hook_gives_downsample_convs_8_bits():
 
 
 def test_first_result_hook_sets_bit_quantizer_bits():
-    model = small_model()
+    model = model_with_downsample()
     with registered(Decide({"down": {"n_bits": 8}, "head": False}), "decide"):
         bq = BitQuantizer(model, n_fs=2, n_bits=3, layers=("conv", "linear")).train_hash_functions(n_iter=2)
     assert bq.layer_names == ["stem", "body", "down"], f"head was kept in float by the plugin: {bq.layer_names}"
@@ -95,7 +83,7 @@ def test_first_result_hook_sets_bit_quantizer_bits():
 
 
 def test_hook_keeps_layer_float_or_replaces_its_config():
-    model = small_model()
+    model = model_with_downsample()
     with registered(Decide({"stem": False, "down": LogConfig(n_bits=2, n_functions=1)}), "decide"):
         quantize_model(model, n_bits=3, n_functions=2)
     assert type(model.stem) is nn.Conv2d, "False must keep the layer in float"
@@ -105,12 +93,12 @@ def test_hook_keeps_layer_float_or_replaces_its_config():
 
 
 def test_hook_keeping_every_layer_float_is_an_error():
-    model = small_model()
-    before = state_of(model)
+    model = model_with_downsample()
+    before = snapshot(model)
     with registered(Decide({"stem": False, "body": False, "down": False}), "all-float"):
         with pytest.raises(ValueError, match="kept every selected layer"):
             quantize_model(model)
-    assert_unchanged(model, before)
+    assert_unchanged(model, before, "a failed quantize_model")
 
 
 @pytest.mark.parametrize("decision, error, words", [
@@ -119,14 +107,14 @@ def test_hook_keeping_every_layer_float_is_an_error():
     ({"n_bits": 9}, ValueError, ["'body'", "n_bits=9"]),
 ])
 def test_bad_hook_decision_names_the_layer_and_changes_nothing(decision, error, words):
-    model = small_model()
-    before = state_of(model)
+    model = model_with_downsample()
+    before = snapshot(model)
     with registered(Decide({"body": decision}), "bad-decision"):
         with pytest.raises(error) as info:
             quantize_model(model, layers=("conv", "linear"))
     for word in words:
         assert word in str(info.value), f"{word!r} missing from: {info.value}"
-    assert_unchanged(model, before)
+    assert_unchanged(model, before, "a failed quantize_model")
 
 
 # ----------------------------------------------------------------------------- before / after
@@ -166,7 +154,7 @@ class Recorder:
 
 
 def test_quantize_and_freeze_hooks_fire_in_order_with_their_arguments():
-    model = small_model()
+    model = model_with_downsample()
     with registered(Recorder(), "recorder") as recorder:
         quantize_model(model, n_bits=2, n_functions=2, avoid=["down"])
         freeze_model(model)
@@ -190,7 +178,7 @@ def test_freeze_hooks_get_the_plain_layer_when_freezing_a_single_layer():
 
 
 def test_after_bit_quantizer_receives_the_report():
-    model = small_model()
+    model = model_with_downsample()
     with registered(Recorder(), "recorder") as recorder:
         bq = BitQuantizer(model, n_fs=2, n_bits=2, layers=("conv", "linear")).train_hash_functions(n_iter=2)
     assert [name for name, _ in recorder.calls] == ["after_bit_quantizer"], recorder.calls
@@ -252,8 +240,8 @@ class Raises:
 @pytest.mark.parametrize("hook", ["layer_quant_config", "before_quantize", "after_freeze", "after_bit_quantizer",
                                   "training_event"])
 def test_plugin_raising_in_a_hook_is_named(hook):
-    model = small_model()
-    before = state_of(model)
+    model = model_with_downsample()
+    before = snapshot(model)
     with registered(Raises(hook), "fragile"), registered(Recorder(), "bystander"):
         with pytest.raises(PluginError) as info:
             if hook in ("layer_quant_config", "before_quantize"):
@@ -268,4 +256,4 @@ def test_plugin_raising_in_a_hook_is_named(hook):
     assert message.startswith(f"plugin 'fragile' failed in hook '{hook}': KeyError"), message
     assert isinstance(info.value.__cause__, KeyError), "the plugin's own exception must be the cause"
     if hook in ("layer_quant_config", "before_quantize"):
-        assert_unchanged(model, before)
+        assert_unchanged(model, before, "a failed quantize_model")

@@ -118,6 +118,34 @@ def test_inline_plugin_adds_a_method_usable_everywhere_then_unregistered():
     assert "twin-plugin" not in loaded_names()
 
 
+@dataclass
+class DecoratedConfig(HashConfig):
+    """A config class of its own for the method registered with the decorator."""
+
+
+def test_register_method_decorator_registers_the_class_and_returns_it():
+    from timm_qconv import register_method
+    from timm_qconv._registry import remove_method
+
+    class Decorated(HashQuantizer):
+        config_class = DecoratedConfig
+
+    try:
+        assert register_method("decorated")(Decorated) is Decorated, "the decorator must return the class unchanged"
+        assert get_method("decorated") is Decorated and "decorated" in list_methods(), list_methods()
+        assert isinstance(QuantConv2d(3, 4, 3, method="decorated", n_bits=2).quantizer, Decorated)
+        assert register_method("decorated")(Decorated) is Decorated, "registering the same class again is allowed"
+        with pytest.raises(ValueError, match="method name 'decorated' .* is already taken"):
+            register_method("decorated")(type("Other", (HashQuantizer,), {}))
+        with pytest.raises(TypeError, match="is not a Quantizer subclass"):
+            register_method("not_a_quantizer")(dict)
+        reset_plugin_manager()
+        assert get_method("decorated") is Decorated, "a decorated method must survive a plugin manager reset"
+    finally:
+        remove_method("decorated")
+    assert "decorated" not in list_methods()
+
+
 def test_builtin_methods_register_through_the_plugin_hook():
     row = describe_plugins()[0]
     assert row["name"] == BUILTIN and row["hooks"] == ["register_methods"], row

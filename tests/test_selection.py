@@ -2,13 +2,11 @@
 import pytest
 from torch import nn
 
+from conftest import small_model
+
 from timm_qconv import BitQuantizer, plan_quantization
 from timm_qconv.callbacks import BitQuantizerOptions, HashLossOptions
 from timm_qconv.selection import LayerSelection
-
-
-def model() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.Flatten(), nn.Linear(4, 2))
 
 
 @pytest.mark.parametrize("layers, normal", [
@@ -26,8 +24,9 @@ def test_every_entry_point_has_the_same_default_selection():
     found = {
         "HashLossOptions": HashLossOptions().selection,
         "BitQuantizerOptions": BitQuantizerOptions().selection,
-        "BitQuantizer": BitQuantizer(model(), 2, 2).selection,
+        "BitQuantizer": BitQuantizer(small_model(), 2, 2).selection,
     }
     for where, selection in found.items():
         assert selection == default, f"{where} selects {selection} by default, not {default}"
-    assert plan_quantization(model()) == default.select(model()) == ["0", "2"], "the default is every plain conv"
+    convs = ["stem", "layer1.conv1", "layer1.conv2"]
+    assert plan_quantization(small_model()) == default.select(small_model()) == convs, "the default is every plain conv"

@@ -11,7 +11,7 @@ from timm_qconv import list_methods, quantize_model
 METHODS = list_methods()
 
 
-def small_model() -> nn.Sequential:
+def depthwise_model() -> nn.Sequential:
     return nn.Sequential(OrderedDict(
         stem=nn.Conv2d(3, 8, 3, padding=1), bn=nn.BatchNorm2d(8), act=nn.ReLU(),
         dw=nn.Conv2d(8, 8, 3, padding=1, groups=8),
@@ -23,7 +23,7 @@ def small_model() -> nn.Sequential:
 
 def quantized(method: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return quantize_model(small_model(), method=method, n_bits=2, n_functions=3, layers=("conv", "linear"))
+    return quantize_model(depthwise_model(), method=method, n_bits=2, n_functions=3, layers=("conv", "linear"))
 
 
 def trained(method: str) -> nn.Module:

@@ -89,9 +89,6 @@ class TrainControl:
     def reset_step_flags(self) -> None:
         self.should_save = self.should_evaluate = self.should_log = False
 
-    def to_dict(self) -> dict[str, bool]:
-        return dataclasses.asdict(self)
-
 
 class QuantCallback:
     """Base class of training callbacks: every event is a no-op.
