@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--num-classes", type=_int_at_least(0), help="classifier outputs (timm's num_classes)")
     q.add_argument("--in-chans", type=_int_at_least(1), help="input channels (timm's in_chans)")
     q.add_argument("--bits", type=_int_at_least(1, 8), default=4, help="bits per weight, 1..8 (default 4)")
-    q.add_argument("--functions", type=_int_at_least(1), default=32, help="groups of output channels per layer (default 32)")
+    q.add_argument("--functions", type=_int_at_least(1), default=32,
+                   help="channel groups per layer (n_functions), each with its own levels (default 32)")
     q.add_argument("--iters", type=_int_at_least(1), default=50, help="fitting iterations, >= 1 (default 50)")
     q.add_argument("--method", default="hash", help="quantization method: hash, kmeans, or any registered (default hash)")
     q.add_argument("--avoid", nargs="+", metavar="NAME", help="module names or glob patterns to keep in float")

@@ -176,7 +176,8 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
         method: method name (``"hash"``, ``"linear"``, ``"poly"``, ``"log"``, ``"kmeans"`` or a
             plugin's), a Quantizer class, or a config object.
         n_bits: bits per weight (1..8); ``None`` takes the method's default.
-        n_functions: groups of output channels, each with its own levels; ``None`` = default.
+        n_functions: channel groups per layer: the output channels are split into this many groups,
+            each with its own levels; ``None`` = the method's default.
         mode: ``"ste"`` or ``"float"`` (see the module docstring).
         **options: the method's own options (its config's fields).
     """

@@ -161,7 +161,7 @@ class BitQuantizerCallback(QuantCallback):
     def format(self, row: dict[str, Any]) -> str:
         """A pass's result as a small table: one line per metric, float and quantized side by side."""
         c = self.options.config
-        lines = [f"timm_qconv BitQuantizer ({config_owner(c).name}, {c.n_bits} bits, {c.n_functions} functions) "
+        lines = [f"timm_qconv BitQuantizer ({config_owner(c).name}, {c.n_bits} bits, {c.n_functions} channel groups) "
                  f"at epoch {row['epoch']}, step {row['step']}: relative weight error {row['rel_error']:.4g}"]
         if row["float"]:
             cells = [(name, f"{value:.4f}", f"{row['quantized'].get(name, float('nan')):.4f}")

@@ -201,7 +201,7 @@ class HashLossCallback(QuantCallback):
         if handler is not None:
             s = o.quant_settings()
             handler.print(f"timm_qconv: {len(self.layer_names)} layers quantized ({s['method']}, {s['n_bits']} bits, "
-                          f"{s['n_functions']} functions, mode={o.mode})")
+                          f"{s['n_functions']} channel groups, mode={o.mode})")
 
     def on_train_begin(self, state: TrainState, control: TrainControl, optimizer: Any = None, **kwargs: Any) -> None:
         if optimizer is None:
