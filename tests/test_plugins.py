@@ -255,7 +255,7 @@ def test_report_plugin_records_every_epoch_and_plots_at_the_end(env, tmp_path, m
     has_matplotlib = importlib.util.find_spec("matplotlib") is not None
     for name in ("histograms.png", "errors.png"):
         assert png_written(tmp_path / "report" / name) == has_matplotlib, f"{name} (matplotlib: {has_matplotlib})"
-    leftovers = [p.name for p in (tmp_path / "report").iterdir() if p.name.endswith(".tmp")]
+    leftovers = [p.name for p in (tmp_path / "report").iterdir() if p.name.startswith(".")]
     assert not leftovers, f"temporary files left: {leftovers}"
     err = capsys.readouterr().err
     assert str((tmp_path / "report" / "records.csv").resolve()) in err, f"where it wrote was not said: {err!r}"

@@ -9,11 +9,13 @@ Fitting helpers work on :class:`SortedGroups` (a layer's weights sorted per chan
 
 A **listening plugin** implements the other hooks of :mod:`timm_qconv.hookspecs` with
 :data:`hookimpl`. Plugins are found through the ``timm_qconv`` entry-point group, or added at run
-time with :func:`register_plugin`. The README's "Plugins" section has a complete example.
+time with :func:`register_plugin`. A plugin that writes files writes each with :func:`atomic_write`
+(readers never see half a file). The README's "Plugins" section has a complete example.
 """
 from ._errors import check_choice, check_float, check_int
 from ._groups import SortedGroups, as_rows, group_index
 from ._registry import get_method, list_methods, register_method
+from .atomic import atomic_write
 from .config import MAX_BITS, QuantConfig
 from .convert import quantized_layers
 from .hookspecs import hookimpl
@@ -26,7 +28,7 @@ from .report import LayerReport, QuantReport
 from .selection import LayerSelection
 
 __all__ = [
-    "MAX_BITS", "LayerReport", "LayerSelection", "PluginError", "QuantConfig", "QuantMixin", "QuantReport",
+    "MAX_BITS", "atomic_write", "LayerReport", "LayerSelection", "PluginError", "QuantConfig", "QuantMixin", "QuantReport",
     "Quantizer", "ScaledShapeQuantizer", "SortedGroups", "as_rows", "check_choice", "check_float", "check_int",
     "density_init", "fit_scale", "get_method", "group_index", "hookimpl", "list_methods", "lloyd",
     "quantized_layers", "register_method", "register_plugin", "unregister_plugin",

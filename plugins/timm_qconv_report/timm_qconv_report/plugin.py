@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from timm_qconv.plugin_api import hookimpl
+from timm_qconv.plugin_api import atomic_write, hookimpl
 
-from .files import encode_records, write_atomic
+from .files import encode_records
 from .plots import errors_png, have_matplotlib, histograms_png
 from .process import is_main_process
 from .settings import ENABLE_ENV, check_format, resolve_dir, resolve_enabled, resolve_format
@@ -95,7 +95,8 @@ class ReportPlugin:
         ]
         fmt = resolve_format(self.fmt)
         path = self.directory / f"records.{fmt}"
-        write_atomic(path, encode_records(self.records, fmt))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, encode_records(self.records, fmt))
         if path not in self._announced:
             self._announced.add(path)
             _say(f"records in {path.resolve()}, rewritten after every epoch and BitQuantizer pass")
@@ -103,8 +104,9 @@ class ReportPlugin:
     def _plot(self, snapshots: list[LayerSnapshot]) -> None:
         if not (self.plots and snapshots and have_matplotlib()):
             return
-        write_atomic(self.directory / "histograms.png", histograms_png(snapshots))
-        write_atomic(self.directory / "errors.png", errors_png(snapshots))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.directory / "histograms.png", histograms_png(snapshots))
+        atomic_write(self.directory / "errors.png", errors_png(snapshots))
         _say(f"plots in {self.directory.resolve()}: histograms.png, errors.png")
 
 
