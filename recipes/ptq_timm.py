@@ -161,7 +161,7 @@ def main(cfg: PTQConfig) -> dict[str, Any]:
     finish("float", None, model, sum(t.numel() * t.element_size() for t in model.state_dict().values()))
     for n_bits in cfg.bits:
         run = f"ptq-{n_bits}bit"
-        bq = BitQuantizer(model, cfg.n_functions, n_bits, method=cfg.method, verbose=True)
+        bq = BitQuantizer(model, cfg.n_functions, n_bits, method=cfg.method, layers=("conv", "linear"), verbose=True)
         bq.train_hash_functions(n_iter=cfg.iters)
         export = save_quantized(bq, out / run)
         print(f"{run}: weight error {bq.report().rel_error:.4f} (relative), export {export}")
