@@ -12,6 +12,7 @@ from .layers import QuantConv2d, QuantLinear, QuantMixin
 from .loss import hash_loss
 from .methods import HashConfig, KMeansConfig, LinearConfig, LogConfig, PolyConfig, Quantizer
 from .prototype import quantizeModel
+from .selection import LayerSelection
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,6 @@ __all__ = [
     "register_method", "hookimpl", "quantize_model", "quantizeModel", "freeze_model", "hash_loss",
     "plan_quantization", "BitQuantizer", "quantized_layers", "__version__",
     "save_quantized", "load_quantized", "set_kernel_backend", "get_kernel_backend",
-    "kernel_backend",
+    "kernel_backend", "LayerSelection",
     "QuantCallback", "CallbackHandler", "HashLossCallback", "BitQuantizerCallback", "TrainState", "TrainControl",
 ]
