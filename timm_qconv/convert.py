@@ -20,6 +20,7 @@ from ._registry import make_config
 from .config import QuantConfig
 from .backend import set_kernel_backend
 from .layers import MODES, QUANT_LAYERS, QuantMixin
+from .loss import hash_loss  # noqa: F401  (its home is loss.py; still importable from here)
 from .plugins import call_hook
 from .selection import FilterFn, LayerSelection
 
