@@ -283,3 +283,10 @@ def test_compiled_backend_trains_under_autocast_and_in_bfloat16(compiled_backend
     levels = [p for n, p in [*half.named_parameters(), *model.named_parameters()] if ".quantizer." in n]
     assert levels and all(p.grad is not None and torch.isfinite(p.grad).all() for p in levels), \
         "the hash loss did not give every quantizer a finite gradient"
+
+
+@pytest.mark.parametrize("kernels", ["eager", "compiled"])
+def test_converted_model_traces_into_one_graph(kernels):
+    model = quantize_model(model_with_lazy_head()[:3], n_bits=2, n_functions=2, kernels=kernels)
+    explained = torch._dynamo.explain(model)(torch.randn(2, 3, 6, 6))
+    assert explained.graph_break_count == 0, f"{kernels}: torch.compile breaks the graph: {explained.break_reasons}"

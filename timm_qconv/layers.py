@@ -23,7 +23,6 @@ who does it (the layer imports nothing from the model-level batched path):
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,7 +92,9 @@ class QuantMixin:
             self.weight_override = None
             if self.training and override.is_current(self.weight):
                 return override.quantized
-        with use_backend(self.kernels) if self.kernels is not None else contextlib.nullcontext():
+        if self.kernels is None or torch.compiler.is_compiling():  # traced code takes the eager formulation
+            return self.quantizer(self.weight, ste=True)
+        with use_backend(self.kernels):
             return self.quantizer(self.weight, ste=True)
 
     def forward_weight(self) -> Tensor:
