@@ -94,7 +94,8 @@ def main() -> None:
         BitQuantizer(model, 32, 4, method="hash").train_hash_functions(n_iter=50)
         fit.append(time.perf_counter() - start)
     print(f"speed (4 bits, 50 iterations, hash): fit {statistics.median(fit):.2f} s, "
-          f"sort + bucketize {statistics.median(base):.2f} s, ratio {statistics.median(fit) / statistics.median(base):.2f} (target <= 2)")
+          f"sort + bucketize {statistics.median(base):.2f} s, "
+          f"ratio {statistics.median(fit) / statistics.median(base):.2f} (target <= 2)")
 
     print(f"{'bits':>4} {'optimum':>9} {'hash':>9} {'hash/opt':>9} {'kmeans':>9} {'kmeans/opt':>10}")
     for n_bits in args.bits:

@@ -21,7 +21,6 @@ import time
 import timm
 import torch
 from torch import nn
-
 from torch.nn.utils import parametrize
 
 from timm_qconv import hash_loss, quantize_model

@@ -1,6 +1,6 @@
 """LeNet-5 on Fashion-MNIST: float vs 4-bit post-training vs 2-bit quantization-aware training.
 
-    python recipes/lenet_q.py                                                 # one process, about 3 minutes on 2 CPU cores
+    python recipes/lenet_q.py                                      # one process, about 3 minutes on 2 CPU cores
     accelerate launch --multi_gpu --num_processes 2 recipes/lenet_q.py        # two processes (GPUs, or gloo on CPU)
     python recipes/lenet_q.py --bits 1 2 4 --output-dir runs/lenet_bits       # one PTQ and one QAT run per width
     python recipes/lenet_q.py --dataset cifar10 --mode qat --qat-from-scratch
@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from resnet34_q import Config, option, parse_args, run_all
+from torch import nn
 
 from timm_qconv.datasets import DatasetInfo
 

@@ -22,11 +22,11 @@ from typing import Any
 import safetensors.torch
 import timm
 import torch
+from resnet34_q import TimmConfig, create_model, evaluate, new_accelerator, option, parse_args, print_table
 from timm.data import create_dataset, create_loader, resolve_data_config
 from torch import nn
 from torch.utils.data import DataLoader
 
-from resnet34_q import TimmConfig, create_model, evaluate, new_accelerator, option, parse_args, print_table
 from timm_qconv import BitQuantizer, list_methods, save_quantized
 from timm_qconv.atomic import atomic_write
 from timm_qconv.datasets import DatasetNotFoundError, dataset_info, list_datasets, load_dataset

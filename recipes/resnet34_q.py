@@ -69,7 +69,8 @@ class Config:
     skip_first_last: bool = option(False, "keep the first conv and the classifier in float")
     epochs: int = option(30, "float training epochs (also QAT's with --qat-from-scratch)")
     qat_epochs: int = option(10, "QAT fine-tuning epochs from the float weights")
-    max_steps: int = option(0, "stop every training run after this many steps (0: no limit); the lr schedule still spans the epochs")
+    max_steps: int = option(0, "stop every training run after this many steps (0: no limit); "
+                               "the lr schedule still spans the epochs")
     batch_size: int = option(128, "global batch size, split over the processes")
     lr: float = option(0.05, "peak SGD learning rate of float training, cosine-decayed to 0")
     qat_lr: float = option(0.01, "peak learning rate of QAT fine-tuning")
@@ -146,7 +147,8 @@ def parse_args(config_class: type = TimmConfig, argv: list[str] | None = None, d
 # ----------------------------------------------------------------------------- model
 def create_model(cfg: TimmConfig, info: DatasetInfo) -> nn.Module:
     """The timm model for ``info``'s images; with the small-image stem for <=32-pixel data."""
-    model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=info.num_classes, in_chans=info.channels)
+    model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=info.num_classes,
+                              in_chans=info.channels)
     small = cfg.small_stem if cfg.small_stem is not None else info.size <= 32
     if small:
         if not (isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "maxpool")):
@@ -275,7 +277,8 @@ def train(cfg: Config, run: str, model: nn.Module, data: tuple[ImageTensors, Ima
                           f"{task_loss.item():.4f}, test accuracy {100 * accuracy:.2f}%")
         if finished:
             handler.on_epoch_end()
-        save_checkpoint(accelerator, checkpoint, {"settings": settings, "epochs": [r for r in history if r["run"] == run]})
+        save_checkpoint(accelerator, checkpoint,
+                        {"settings": settings, "epochs": [r for r in history if r["run"] == run]})
     if callbacks and accelerator.num_processes > 1:  # DDP keeps the levels in step; check that it did
         levels = torch.cat([p.detach().flatten() for p in callbacks[0].quantizer_parameters()]).double()
         sums = accelerator.gather(torch.stack([levels.sum(), levels.square().sum()])[None]).cpu()

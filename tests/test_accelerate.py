@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import batch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from torch import nn
@@ -19,6 +18,8 @@ from torch import nn
 from timm_qconv import quantized_layers
 from timm_qconv.callbacks import CallbackHandler, HashLossCallback
 from timm_qconv.callbacks.handler import STATE_FILE
+
+from conftest import batch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +31,8 @@ def _fresh_accelerate_state():
     AcceleratorState._reset_state(True)
 
 
-def run(checkpoint: Path, steps: range, save_at: int | None = None, resume: bool = False, **options) -> dict[int, float]:
+def run(checkpoint: Path, steps: range, save_at: int | None = None, resume: bool = False,
+        **options) -> dict[int, float]:
     """The README's loop: five lines added for QAT."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -89,7 +91,8 @@ def test_two_processes_keep_identical_levels_and_resume_exactly(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", port, str(ROOT / "tests" / "ddp_qat_script.py"),
            str(tmp_path)]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
@@ -101,7 +104,8 @@ def test_two_processes_keep_identical_levels_and_resume_exactly(tmp_path):
         assert rank0["full"]["losses"] != rank1["full"]["losses"], f"{method}: ranks must see different data"
         assert rank0["full"]["at_freeze"] != rank0["full"]["initial"], f"{method}: levels must have trained"
         for run_ in ("full", "resumed"):
-            assert rank0[run_]["final"] == rank1[run_]["final"], f"{method} {run_}: quantizer state differs across ranks"
+            assert rank0[run_]["final"] == rank1[run_]["final"], \
+                f"{method} {run_}: quantizer state differs across ranks"
         assert rank0["full"]["final_params"] == rank0["full"]["at_freeze"], f"{method}: frozen levels moved under DDP"
         for rank in (rank0, rank1):
             assert rank["resumed"]["losses"] == {k: rank["full"]["losses"][k] for k in ("4", "5")}, f"{method}: resume"

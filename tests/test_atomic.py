@@ -1,7 +1,6 @@
 """timm_qconv.atomic: files and folders are replaced whole or not at all."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -3,10 +3,11 @@ import re
 
 import pytest
 import torch
-from conftest import assert_unchanged, small_model, snapshot
 from torch import nn
 
-from timm_qconv import QuantConv2d, QuantLinear, freeze_model, hash_loss, list_methods, quantizeModel, quantize_model
+from timm_qconv import QuantConv2d, QuantLinear, freeze_model, hash_loss, list_methods, quantize_model, quantizeModel
+
+from conftest import assert_unchanged, small_model, snapshot
 
 BAD_ARGUMENTS = {
     "n_bits=0": (dict(n_bits=0), ValueError, r"n_bits=0\b.*1\.\.8"),

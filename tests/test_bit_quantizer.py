@@ -132,7 +132,8 @@ def test_report_as_dicts_survives_json():
     assert [r["name"] for r in rows] == ["conv1", "encoder.0", "encoder.1"], rows
     first = rows[0]
     assert first["shape"] == [64, 3, 3, 3] and first["n_bits"] == 2 and first["groups"] == 4, first
-    assert first["rel_error"] == pytest.approx(report[0].rel_error) and first["sqnr_db"] == pytest.approx(report[0].sqnr_db)
+    assert first["rel_error"] == pytest.approx(report[0].rel_error)
+    assert first["sqnr_db"] == pytest.approx(report[0].sqnr_db)
     assert first["sq_error"] / first["sq_weight"] == pytest.approx(first["rel_error"]), first
 
 

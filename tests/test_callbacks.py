@@ -2,15 +2,21 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import batch
 from torch import nn
 
 from timm_qconv import QuantMixin, freeze_model, quantize_model, quantized_layers
 from timm_qconv.callbacks import (
-    EVENTS, BitQuantizerCallback, CallbackHandler, HashLossCallback, HashLossOptions, QuantCallback,
+    EVENTS,
+    BitQuantizerCallback,
+    CallbackHandler,
+    HashLossCallback,
+    HashLossOptions,
+    QuantCallback,
 )
 from timm_qconv.hookspecs import hookimpl
 from timm_qconv.plugins import register_plugin, unregister_plugin
+
+from conftest import batch
 
 
 def tiny_model() -> nn.Module:
@@ -19,7 +25,8 @@ def tiny_model() -> nn.Module:
 
 
 def levels(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{n}.{k}": v.detach().clone() for n, m in quantized_layers(model) for k, v in m.quantizer.state_dict().items()}
+    return {f"{n}.{k}": v.detach().clone()
+            for n, m in quantized_layers(model) for k, v in m.quantizer.state_dict().items()}
 
 
 def train(handler: CallbackHandler, model: nn.Module, optimizer: torch.optim.Optimizer, steps: range) -> list[float]:
@@ -56,7 +63,8 @@ def test_hash_loss_callback_drives_a_plain_loop():
     assert handler.on_loss(plain) > plain, "on_loss must add the hash loss"
     assert handler.state.logs["hash_loss_weight"] == pytest.approx(0.25), "warm-up: step 0 of 4 weighs 1/4"
     train(handler, model, optimizer, range(3))
-    assert cb.levels_frozen and all(not p.requires_grad for p in cb.quantizer_parameters()), "levels freeze after step 3"
+    assert cb.levels_frozen and all(not p.requires_grad for p in cb.quantizer_parameters()), \
+        "levels freeze after step 3"
     frozen = levels(model)
     train(handler, model, optimizer, range(3, 5))
     assert all(torch.equal(frozen[k], v) for k, v in levels(model).items()), "frozen levels must not move"
@@ -142,7 +150,8 @@ def test_resume_from_a_checkpoint_dict_gives_the_same_next_loss(tmp_path):
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     assert handler.state.global_step == 3 and handler.callbacks[0].levels_frozen
-    assert train(handler, model, optimizer, range(3, 4)) == expected, "the resumed step must equal the uninterrupted one"
+    assert train(handler, model, optimizer, range(3, 4)) == expected, \
+        "the resumed step must equal the uninterrupted one"
 
 
 def test_a_checkpoint_saved_after_train_end_loads_into_plain_layers():
@@ -191,7 +200,8 @@ def test_bit_quantizer_callback_quantizes_a_copy_and_compares_metrics(capsys):
     before = [p.detach().clone() for p in model.parameters()]
     handler.on_train_end()  # same step as the epoch's pass: not repeated
     assert len(cb.history) == 1 and set(cb.history[0]["float"]) == {"accuracy"}, cb.history
-    assert all(type(m) in (nn.Conv2d, nn.Linear) for m in model.modules() if hasattr(m, "weight")), "training stays float"
+    assert all(type(m) in (nn.Conv2d, nn.Linear) for m in model.modules() if hasattr(m, "weight")), \
+        "training stays float"
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "the callback must not touch the model"
     assert cb.quantized_model is not model and len(torch.unique(cb.quantized_model[0].weight[0])) <= 4
     out = capsys.readouterr().out

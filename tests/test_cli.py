@@ -65,7 +65,8 @@ def test_quantize_output_equals_the_library(quantized) -> None:
     _, _, out = quantized
     config = json.loads((out / CONFIG_FILE).read_text())
     assert (config["architecture"], config["method"], config["n_bits"], config["n_functions"]) == (MODEL, "hash", 3, 4)
-    want = BitQuantizer(tiny_model(), 4, 3, layers=("conv", "linear")).train_hash_functions(2).get_hashed_model().state_dict()
+    fitted = BitQuantizer(tiny_model(), 4, 3, layers=("conv", "linear")).train_hash_functions(2)
+    want = fitted.get_hashed_model().state_dict()
     got = load_quantized(out).state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want), "the CLI must save what BitQuantizer computes"
 
@@ -118,8 +119,9 @@ def test_plugins_lists_the_builtin_methods() -> None:
 
 
 # ------------------------------------------------------------------------- in-process error paths
-@pytest.mark.parametrize("flag,value,allowed", [("--bits", "9", "1..8"), ("--bits", "0", "1..8"), ("--bits", "x", "1..8"),
-                                                ("--iters", "0", ">= 1"), ("--functions", "0", ">= 1")])
+@pytest.mark.parametrize("flag,value,allowed", [("--bits", "9", "1..8"), ("--bits", "0", "1..8"),
+                                                ("--bits", "x", "1..8"), ("--iters", "0", ">= 1"),
+                                                ("--functions", "0", ">= 1")])
 def test_out_of_range_numbers_name_the_flag(flag: str, value: str, allowed: str, tmp_path: Path,
                                            capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -135,7 +137,8 @@ def test_out_of_range_numbers_name_the_flag(flag: str, value: str, allowed: str,
     (["--method", "bogus"], 2, "method='bogus' is unknown"),
     (["--checkpoint", "missing.pth"], 2, "argument --checkpoint: 'missing.pth' is not a file"),
 ])
-def test_bad_input_is_one_line(args: list, code: int, message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_bad_input_is_one_line(args: list, code: int, message: str, tmp_path: Path,
+                               capsys: pytest.CaptureFixture) -> None:
     assert main(["quantize", "--model", MODEL, "--iters", "1", *args, "--out", str(tmp_path / "q")]) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("timm-qconv: error:") and message in err[-1], err
@@ -160,11 +163,12 @@ def test_checkpoint_formats(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}, wrapped)
     flat = tmp_path / "model.safetensors"
     safetensors.torch.save_file(model.state_dict(), flat)
-    want = BitQuantizer(model, 2, 2, method="kmeans", layers=("conv", "linear")).train_hash_functions(1).get_hashed_model().state_dict()
+    fitted = BitQuantizer(model, 2, 2, method="kmeans", layers=("conv", "linear")).train_hash_functions(1)
+    want = fitted.get_hashed_model().state_dict()
     for checkpoint in (wrapped, flat):
         out = tmp_path / f"q_{checkpoint.stem}"
-        argv = ["quantize", "--model", MODEL, "--num-classes", "5", "--checkpoint", str(checkpoint), "--method", "kmeans",
-                "--bits", "2", "--functions", "2", "--iters", "1", "--out", str(out)]
+        argv = ["quantize", "--model", MODEL, "--num-classes", "5", "--checkpoint", str(checkpoint),
+                "--method", "kmeans", "--bits", "2", "--functions", "2", "--iters", "1", "--out", str(out)]
         assert main(argv) == 0, capsys.readouterr().err
         got = load_quantized(out).state_dict()
         assert all(torch.equal(got[k], want[k]) for k in want), f"{checkpoint.name} was not the model quantized"

@@ -16,9 +16,9 @@ from timm_qconv import (
     hash_loss,
     list_methods,
     plan_quantization,
-    quantizeModel,
     quantize_model,
     quantized_layers,
+    quantizeModel,
 )
 
 METHODS = list_methods()
@@ -43,7 +43,8 @@ def resnet_like() -> nn.Sequential:
     ))
 
 
-CONVS = ["stem", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2", "layer2.0.conv1", "layer2.0.conv2"]
+CONVS = ["stem", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2", "layer2.0.conv1",
+         "layer2.0.conv2"]
 
 
 def quantized_names(model: nn.Module) -> list[str]:
@@ -103,7 +104,7 @@ def mean_squared_error_to_levels(model: nn.Module) -> torch.Tensor:
 
 def test_prototype_readme_snippet():
     # The prototype README's snippet, verbatim apart from the import.
-    from timm_qconv import quantizeModel, QuantConv2d
+    from timm_qconv import QuantConv2d, quantizeModel
 
     @quantizeModel(n_functions = 4,n_bits=2)
     class MyModel(nn.Module):
@@ -147,7 +148,8 @@ def test_decorator_on_instance():
 
 
 def test_decorator_passes_conversion_options():
-    model = quantizeModel(n_functions=2, n_bits=2, method="log", layers=("conv", "linear"), avoid=["layer2"])(resnet_like())
+    decorate = quantizeModel(n_functions=2, n_bits=2, method="log", layers=("conv", "linear"), avoid=["layer2"])
+    model = decorate(resnet_like())
     names = quantized_names(model)
     assert "head" in names and not any(n.startswith("layer2") for n in names), f"decorator options ignored: {names}"
     assert all(m.quantizer.name == "log" for _, m in quantized_layers(model)), "method= not passed by the decorator"
@@ -200,7 +202,8 @@ def test_skip_first_last_plain_model_uses_first_and_last_layer():
     assert names == CONVS[1:], f"skip_first_last on a plain model quantized {names}; expected all but stem and head"
     model = quantize_model(resnet_like(), n_bits=2, skip_first_last=True)
     names = quantized_names(model)
-    assert names == CONVS[1:-1], f"skip_first_last with convs only quantized {names}; expected all but the first and last conv"
+    assert names == CONVS[1:-1], \
+        f"skip_first_last with convs only quantized {names}; expected all but the first and last conv"
 
 
 def test_skip_first_last_timm_uses_pretrained_cfg():
@@ -222,10 +225,12 @@ def test_skip_first_last_timm_keeps_last_conv_when_classifier_is_linear():
     assert model.pretrained_cfg["first_conv"] == "conv_stem" and model.pretrained_cfg["classifier"] == "classifier"
     quantize_model(model, n_bits=2, n_functions=2, skip_first_last=True)
     assert type(model.conv_stem) is nn.Conv2d, "mobilenetv3: conv_stem was quantized"
-    assert isinstance(model.conv_head, QuantConv2d), "mobilenetv3: conv_head was skipped although it is not the classifier"
+    assert isinstance(model.conv_head, QuantConv2d), \
+        "mobilenetv3: conv_head was skipped although it is not the classifier"
 
 
-@pytest.mark.parametrize("layers", [(nn.Linear,), ("linear",), nn.Linear, "linear"], ids=["class", "name", "bare-class", "bare-name"])
+@pytest.mark.parametrize("layers", [(nn.Linear,), ("linear",), nn.Linear, "linear"],
+                         ids=["class", "name", "bare-class", "bare-name"])
 def test_layers_linear_only(layers):
     model = quantize_model(resnet_like(), n_bits=2, layers=layers)
     assert quantized_names(model) == ["head"], f"layers={layers!r} quantized {quantized_names(model)}"
@@ -301,9 +306,11 @@ def test_freeze_model_leaves_only_plain_layers(method):
     assert frozen is model, f"{method}: freeze_model returned a different object"
     leftovers = [n for n, m in frozen.named_modules() if isinstance(m, QuantMixin)]
     assert not leftovers, f"{method}: quantized layers left after freezing: {leftovers}"
-    foreign = [f"{n}: {type(m).__module__}" for n, m in frozen.named_modules() if type(m).__module__.startswith("timm_qconv")]
+    foreign = [f"{n}: {type(m).__module__}" for n, m in frozen.named_modules()
+               if type(m).__module__.startswith("timm_qconv")]
     assert not foreign, f"{method}: timm_qconv classes left after freezing: {foreign}"
-    assert not any("quantizer" in k for k in frozen.state_dict()), f"{method}: quantizer state left in the frozen state dict"
+    assert not any("quantizer" in k for k in frozen.state_dict()), \
+        f"{method}: quantizer state left in the frozen state dict"
     with torch.no_grad():
         assert torch.equal(frozen(x), expected), f"{method}: frozen output differs from the quantized eval output"
 
@@ -311,7 +318,8 @@ def test_freeze_model_leaves_only_plain_layers(method):
     plain.load_state_dict(frozen.state_dict(), strict=True)
     plain.eval()
     with torch.no_grad():
-        assert torch.equal(plain(x), expected), f"{method}: the frozen state dict loaded into a plain model gives other outputs"
+        assert torch.equal(plain(x), expected), \
+            f"{method}: the frozen state dict loaded into a plain model gives other outputs"
 
 
 def test_frozen_model_pickles_without_timm_qconv():

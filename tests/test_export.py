@@ -11,11 +11,18 @@ import torch
 from torch import nn
 
 import timm_qconv.export as export
-
-ALL = ("conv", "linear")  # the head too: export covers both layer kinds
-from timm_qconv import BitQuantizer, QuantMixin, freeze_model, list_methods, load_quantized, quantize_model, save_quantized
+from timm_qconv import (
+    BitQuantizer,
+    QuantMixin,
+    freeze_model,
+    list_methods,
+    load_quantized,
+    quantize_model,
+    save_quantized,
+)
 from timm_qconv.export import CONFIG_FILE, WEIGHTS_FILE, read_config
 
+ALL = ("conv", "linear")  # the head too: export covers both layer kinds
 TINY = "test_resnet"  # timm's smallest ResNet (0.37 M weights): fits in well under a second
 
 
@@ -33,7 +40,8 @@ def assert_same_bits(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]
     assert got.keys() == want.keys(), f"keys differ: {sorted(set(got) ^ set(want))[:5]}"
     for key in want:
         a, b = got[key], want[key]
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{key}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}"
+        assert a.dtype == b.dtype and a.shape == b.shape, \
+            f"{key}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}"
         assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), f"{key} differs"
 
 
@@ -93,7 +101,8 @@ def test_quantized_model_round_trip_equals_freeze(method: str, tmp_path: Path) -
     want = freeze_model(copy.deepcopy(model)).state_dict()
     path = save_quantized(model, tmp_path / "q")
     assert_same_bits(state_of(model), before)  # saving changes nothing
-    assert all(m.quantizer.training for _, m in model.named_modules() if isinstance(m, QuantMixin)), "train mode restored"
+    assert all(m.quantizer.training for _, m in model.named_modules() if isinstance(m, QuantMixin)), \
+        "train mode restored"
     plain = _small_net()
     assert_same_bits(load_quantized(path, model=plain).state_dict(), want)
     # a model that still has quantized layers gets plain ones
@@ -122,7 +131,8 @@ def test_config_describes_the_model(saved: tuple[BitQuantizer, Path]) -> None:
     assert config["format_version"] == export.FORMAT_VERSION
     assert list(config["layers"]) == bq.layer_names
     fc = config["layers"]["fc"]
-    assert (fc["shape"], fc["dtype"], fc["code_bits"], fc["groups"]) == ([5, bq.modules["fc"].in_features], "float32", 3, 5)
+    expected = ([5, bq.modules["fc"].in_features], "float32", 3, 5)
+    assert (fc["shape"], fc["dtype"], fc["code_bits"], fc["groups"]) == expected
     assert config["weights_bytes"] == (path / WEIGHTS_FILE).stat().st_size
     assert sorted(p.name for p in path.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE], "no temporary files left"
 

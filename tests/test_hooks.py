@@ -11,11 +11,12 @@ from typing import Any, Iterator
 import pytest
 import timm
 import torch
-from conftest import assert_unchanged, snapshot
 from torch import nn
 
 from timm_qconv import BitQuantizer, LogConfig, QuantMixin, freeze_model, hookimpl, quantize_model, quantized_layers
 from timm_qconv.plugins import PluginError, call_hook, register_plugin, unregister_plugin
+
+from conftest import assert_unchanged, snapshot
 
 
 @contextmanager

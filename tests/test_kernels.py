@@ -117,11 +117,13 @@ def test_a_model_keeps_its_backend_when_the_default_changes(compiled_backend):
 
 def test_batches_group_layers_by_quantizer_class_and_bits():
     batches = BatchedPath("compiled").plan(mixed_model())
-    kinds = sorted((type(b.layers[0].quantizer).__name__, b.layers[0].quant_config.n_bits, len(b.layers)) for b in batches)
+    kinds = sorted((type(b.layers[0].quantizer).__name__, b.layers[0].quant_config.n_bits, len(b.layers))
+                   for b in batches)
     assert kinds == [("HashQuantizer", 2, 1), ("HashQuantizer", 2, 2), ("HashQuantizer", 3, 1),
                      ("KMeansQuantizer", 3, 1), ("LogQuantizer", 2, 1)], kinds  # the "float"-mode layer apart
     hash2 = next(b for b in batches if len(b.layers) == 2)
-    assert hash2.row_group.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4, 4, 4, 4], "channels of the second layer follow the first's groups"
+    assert hash2.row_group.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4, 4, 4, 4], \
+        "channels of the second layer follow the first's groups"
 
 
 @pytest.mark.parametrize("make_model", [quantized_model_with_lazy_head, mixed_model])
@@ -259,7 +261,8 @@ def test_compiled_model_pickles_after_a_forward_without_backward(compiled_backen
     torch.save(model, tmp_path / "model.pt")
     loaded = torch.load(tmp_path / "model.pt", weights_only=False)
     assert batched_path(loaded) is not None, "the loaded model lost its batched path"
-    torch.testing.assert_close(train_step(loaded, x), expected, msg=lambda m: f"the loaded model computes otherwise: {m}")
+    torch.testing.assert_close(train_step(loaded, x), expected,
+                               msg=lambda m: f"the loaded model computes otherwise: {m}")
     missing = [n for n, p in loaded.named_parameters() if n.endswith("weight") and p.grad is None]
     assert not missing, f"no gradient reached {missing} after loading"
 

@@ -73,7 +73,8 @@ def test_output_shape_matches_float_layer(method, kind):
     for training in (True, False):
         layer.train(training)
         out = layer(x)
-        assert out.shape == expected, f"{method}/{kind} training={training}: shape {tuple(out.shape)} != {tuple(expected)}"
+        assert out.shape == expected, \
+            f"{method}/{kind} training={training}: shape {tuple(out.shape)} != {tuple(expected)}"
         assert torch.isfinite(out).all(), f"{method}/{kind} training={training}: non-finite output"
 
 
@@ -206,7 +207,8 @@ def test_ste_weight_gradient_is_straight_through(method, kind):
     else:
         ref = F.linear(x, q, layer.bias)
     (grad,) = torch.autograd.grad(ref.square().sum(), q)
-    torch.testing.assert_close(layer.weight.grad, grad, msg=lambda m: f"{method}/{kind}: weight grad is not straight-through: {m}")
+    torch.testing.assert_close(layer.weight.grad, grad,
+                               msg=lambda m: f"{method}/{kind}: weight grad is not straight-through: {m}")
 
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)
@@ -257,7 +259,8 @@ def test_float_mode_trains_on_float_weights(method, kind):
     assert torch.equal(layer(x), expected), f"{method}/{kind}: float-mode training forward differs from the float layer"
     layer.eval()
     frozen = freeze_model(copy.deepcopy(layer))
-    assert torch.equal(layer(x), frozen(x)), f"{method}/{kind}: float-mode eval forward does not use the quantized weight"
+    assert torch.equal(layer(x), frozen(x)), \
+        f"{method}/{kind}: float-mode eval forward does not use the quantized weight"
 
 
 @pytest.mark.parametrize("mode", ["ste", "float"])
@@ -284,7 +287,8 @@ def test_eval_equals_frozen_twin(method, kind, mode):
 CONV_VARIANTS = {
     "strided": dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=(1, 2), bias=True),
     "dilated-grouped": dict(in_channels=4, out_channels=8, kernel_size=(3, 1), dilation=2, groups=2, bias=False),
-    "depthwise-reflect": dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6, padding_mode="reflect"),
+    "depthwise-reflect": dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6,
+                              padding_mode="reflect"),
 }
 
 
@@ -296,8 +300,10 @@ def test_conv_from_float_keeps_layer(method, variant, dtype):
     weight, bias = conv.weight.detach().clone(), None if conv.bias is None else conv.bias.detach().clone()
     layer = QuantConv2d.from_float(conv, method=method, n_bits=2, n_functions=4)
     assert isinstance(layer, QuantConv2d), f"{method}: from_float gave {type(layer).__name__}"
-    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"):
-        assert getattr(layer, attr) == getattr(conv, attr), f"{method}/{variant}: {attr} {getattr(layer, attr)} != {getattr(conv, attr)}"
+    attrs = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+    for attr in attrs:
+        assert getattr(layer, attr) == getattr(conv, attr), \
+            f"{method}/{variant}: {attr} {getattr(layer, attr)} != {getattr(conv, attr)}"
     assert layer.weight.dtype == dtype, f"{method}/{variant}: weight dtype {layer.weight.dtype} != {dtype}"
     assert layer.weight.device == conv.weight.device, f"{method}/{variant}: weight moved to {layer.weight.device}"
     assert torch.equal(layer.weight, weight), f"{method}/{variant}: from_float changed the weight"
@@ -311,7 +317,8 @@ def test_conv_from_float_keeps_layer(method, variant, dtype):
     assert out.dtype == dtype, f"{method}/{variant}: output dtype {out.dtype} != {dtype}"
     assert out.shape == conv(x).shape, f"{method}/{variant}: output shape {tuple(out.shape)} != {tuple(conv(x).shape)}"
     frozen = freeze_model(copy.deepcopy(layer))
-    assert frozen.padding_mode == conv.padding_mode and frozen.groups == conv.groups, f"{method}/{variant}: freezing lost conv options"
+    assert frozen.padding_mode == conv.padding_mode and frozen.groups == conv.groups, \
+        f"{method}/{variant}: freezing lost conv options"
     assert frozen.weight.dtype == dtype, f"{method}/{variant}: frozen weight dtype {frozen.weight.dtype}"
     assert torch.equal(frozen(x), out), f"{method}/{variant}: frozen output differs from eval output"
 
@@ -324,7 +331,8 @@ def test_linear_from_float_keeps_layer(method, dtype, bias):
     weight = linear.weight.detach().clone()
     layer = QuantLinear.from_float(linear, method=method, n_bits=2, n_functions=4)
     assert isinstance(layer, QuantLinear), f"{method}: from_float gave {type(layer).__name__}"
-    assert (layer.in_features, layer.out_features) == (9, 5), f"{method}: features {(layer.in_features, layer.out_features)}"
+    assert (layer.in_features, layer.out_features) == (9, 5), \
+        f"{method}: features {(layer.in_features, layer.out_features)}"
     assert (layer.bias is not None) == bias, f"{method}: bias={bias} not kept"
     assert layer.weight.dtype == dtype, f"{method}: weight dtype {layer.weight.dtype} != {dtype}"
     assert torch.equal(layer.weight, weight), f"{method}: from_float changed the weight"
@@ -336,7 +344,8 @@ def test_linear_from_float_keeps_layer(method, dtype, bias):
 def test_from_float_keeps_training_flag(method):
     conv = nn.Conv2d(3, 4, 3).eval()
     layer = QuantConv2d.from_float(conv, method=method, n_bits=2)
-    assert not layer.training and not layer.quantizer.training, f"{method}: from_float of an eval conv is in training mode"
+    assert not layer.training and not layer.quantizer.training, \
+        f"{method}: from_float of an eval conv is in training mode"
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -354,4 +363,5 @@ def test_task_gradient_to_quantizer_is_scaled_by_group_size(method):
     (quantizer(weight) * grad_out).sum().backward()
     factor = (quantizer.n_groups / weight.numel()) ** 0.5
     for p, g in zip(params, scaled):
-        torch.testing.assert_close(g, p.grad * factor, msg=lambda m: f"{method}: task gradient not scaled by {factor:.4f}: {m}")
+        torch.testing.assert_close(g, p.grad * factor,
+                                   msg=lambda m: f"{method}: task gradient not scaled by {factor:.4f}: {m}")

@@ -14,7 +14,8 @@ def test_round_trip(n_bits: int, length: int) -> None:
     codes = torch.randint(0, 2**n_bits, (length,), dtype=torch.uint8)
     packed = pack_bits(codes, n_bits)
     assert packed.dtype == torch.uint8 and packed.dim() == 1
-    assert packed.numel() == packed_size(length, n_bits) == (length * n_bits + 7) // 8, "packed size must be ceil(N*n/8)"
+    assert packed.numel() == packed_size(length, n_bits) == (length * n_bits + 7) // 8, \
+        "packed size must be ceil(N*n/8)"
     back = unpack_bits(packed, n_bits, length)
     assert torch.equal(back, codes), f"round trip changed codes at n_bits={n_bits}, length={length}"
 
@@ -31,7 +32,8 @@ def test_layout_is_lsb_first() -> None:
     # codes 1, 2, 3 at 2 bits: 0b01 | 0b10 << 2 | 0b11 << 4 = 57; the unused top bits are zero.
     assert pack_bits(torch.tensor([1, 2, 3]), 2).tolist() == [57]
     assert pack_bits(torch.tensor([1] * 9), 1).tolist() == [255, 1]
-    assert pack_bits(torch.tensor([5, 7, 1]), 3).tolist() == [5 | 7 << 3 | 1 << 6, 0]  # the third code spans bytes 0 and 1
+    # The third code spans bytes 0 and 1.
+    assert pack_bits(torch.tensor([5, 7, 1]), 3).tolist() == [5 | 7 << 3 | 1 << 6, 0]
 
 
 def test_padding_bits_are_zero() -> None:

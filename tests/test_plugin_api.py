@@ -56,5 +56,7 @@ def test_plugins_and_recipes_import_no_private_module(path):
 
 def test_private_import_check_finds_one(tmp_path):
     source = tmp_path / "x.py"
-    source.write_text("from timm_qconv._errors import check_int\nimport timm_qconv.methods._x\nfrom timm_qconv import _y\n")
+    source.write_text("from timm_qconv._errors import check_int\n"
+                      "import timm_qconv.methods._x\n"
+                      "from timm_qconv import _y\n")
     assert private_imports(source) == ["timm_qconv._errors.check_int", "timm_qconv.methods._x", "timm_qconv._y"]

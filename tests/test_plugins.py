@@ -20,13 +20,27 @@ import torch
 from torch import nn
 
 from timm_qconv import (
-    BitQuantizer, QuantConv2d, freeze_model, get_method, hookimpl, list_methods, make_config, quantize_model,
+    BitQuantizer,
+    QuantConv2d,
+    freeze_model,
+    get_method,
+    hookimpl,
+    list_methods,
+    make_config,
+    quantize_model,
     quantized_layers,
 )
 from timm_qconv.methods import HashConfig, HashQuantizer
 from timm_qconv.plugins import (
-    BUILTIN, ENV_VAR, PluginError, call_hook, describe_plugins, get_plugin_manager, register_plugin,
-    reset_plugin_manager, unregister_plugin,
+    BUILTIN,
+    ENV_VAR,
+    PluginError,
+    call_hook,
+    describe_plugins,
+    get_plugin_manager,
+    register_plugin,
+    reset_plugin_manager,
+    unregister_plugin,
 )
 
 BUILTIN_METHODS = ["hash", "kmeans", "linear", "log", "poly"]
@@ -103,7 +117,8 @@ def test_inline_plugin_adds_a_method_usable_everywhere_then_unregistered():
     register_plugin(plugin, name="twin-plugin")
     try:
         assert "twin" in list_methods(), list_methods()
-        model = quantize_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)), method="twin", n_bits=2, n_functions=2)
+        model = quantize_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)), method="twin", n_bits=2,
+                               n_functions=2)
         assert all(isinstance(m.quantizer, TwinQuantizer) for _, m in quantized_layers(model))
         assert isinstance(QuantConv2d(3, 4, 3, method="twin").quantizer, TwinQuantizer)
         bq = BitQuantizer(nn.Sequential(nn.Conv2d(3, 4, 3)), n_fs=2, n_bits=2, method="twin").train_hash_functions(2)
@@ -295,11 +310,13 @@ def test_report_plugin_instance_records_bit_quantizer_passes_as_json(tmp_path):
     plugin = ReportPlugin(out_dir=tmp_path, fmt="json", plots=False)
     register_plugin(plugin, name="json-report")
     try:
-        BitQuantizer(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(8, 2)), n_fs=2, n_bits=3, layers=("conv", "linear")).train_hash_functions(2)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(8, 2))
+        BitQuantizer(model, n_fs=2, n_bits=3, layers=("conv", "linear")).train_hash_functions(2)
     finally:
         unregister_plugin(plugin)
     rows = json.loads((tmp_path / "records.json").read_text())
-    assert [(r["event"], r["layer"], r["n_bits"]) for r in rows] == [("bit_quantizer", "0", 3), ("bit_quantizer", "1", 3)]
+    found = [(r["event"], r["layer"], r["n_bits"]) for r in rows]
+    assert found == [("bit_quantizer", "0", 3), ("bit_quantizer", "1", 3)]
 
 
 def test_report_plugin_writes_only_on_the_main_process(tmp_path):

@@ -173,9 +173,8 @@ def test_resnet_recipe_on_cifar_then_ptq_recipe_from_its_output(cifar_dir, tmp_p
 
 
 def test_ptq_recipe_on_an_image_folder(tmp_path):
-    from PIL import Image
-
     import timm
+    from PIL import Image
     from safetensors.torch import save_file
 
     folder = tmp_path / "images"

@@ -2,11 +2,11 @@
 import pytest
 from torch import nn
 
-from conftest import small_model
-
 from timm_qconv import BitQuantizer, plan_quantization
 from timm_qconv.callbacks import BitQuantizerOptions, HashLossOptions
 from timm_qconv.selection import LayerSelection
+
+from conftest import small_model
 
 
 @pytest.mark.parametrize("layers, normal", [

@@ -62,13 +62,15 @@ def test_state_dict_round_trip(method, save_load, tmp_path):
     x = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
         expected = model(x)
-        assert not torch.equal(fresh(x), expected), f"{method}: the fresh model already matches; the test proves nothing"
+        assert not torch.equal(fresh(x), expected), \
+            f"{method}: the fresh model already matches; the test proves nothing"
     fresh.load_state_dict(loaded, strict=True)
     for key, value in fresh.state_dict().items():
         assert torch.equal(value, state[key]), f"{method}: {key} differs after loading"
     with torch.no_grad():
         out = fresh(x)
-    assert torch.equal(out, expected), f"{method}: eval output differs after the round trip by {float((out - expected).abs().max()):g}"
+    assert torch.equal(out, expected), \
+        f"{method}: eval output differs after the round trip by {float((out - expected).abs().max()):g}"
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -1,12 +1,12 @@
 """timm_qconv: few-bit weight quantization for PyTorch and timm models."""
+from . import plugins  # noqa: F401  (gives the method registry its loader)
 from ._registry import get_method, list_methods, make_config, register_method
+from .backend import get_kernel_backend, kernel_backend, set_kernel_backend
 from .bit_quantizer import BitQuantizer
 from .callbacks import BitQuantizerCallback, CallbackHandler, HashLossCallback, QuantCallback, TrainControl, TrainState
 from .config import QuantConfig
 from .convert import freeze_model, plan_quantization, quantize_model, quantized_layers
 from .export import load_quantized, save_quantized
-from .backend import get_kernel_backend, kernel_backend, set_kernel_backend
-from . import plugins  # noqa: F401  (gives the method registry its loader)
 from .hookspecs import hookimpl
 from .layers import QuantConv2d, QuantLinear, QuantMixin
 from .loss import hash_loss

@@ -219,7 +219,8 @@ class BatchedPath:
                 stats_of = _compiled_all()[2]
                 rows = _as_rows(weights, levels.detach(), batch.row_group)
                 per_channel = torch.cat([stats_of(w, table) for w, table in rows])
-                stats = levels.new_zeros(levels.shape[0], per_channel.shape[1]).index_add_(0, batch.row_group, per_channel)
+                stats = levels.new_zeros(levels.shape[0], per_channel.shape[1])
+                stats.index_add_(0, batch.row_group, per_channel)
             found.append((batch, levels, stats))
         return found
 

@@ -10,7 +10,8 @@ def _listed(items: list[str], shown: int) -> str:
     return f"{items[:shown]}{' ...' if len(items) > shown else ''} ({len(items)})"
 
 
-def state_dict_mismatch(expected: Mapping[str, torch.Size], state: Mapping[str, torch.Tensor], shown: int = 5) -> str | None:
+def state_dict_mismatch(expected: Mapping[str, torch.Size], state: Mapping[str, torch.Tensor],
+                        shown: int = 5) -> str | None:
     """What keeps ``state`` from loading into a model whose state dict has the shapes ``expected``.
 
     Args:

@@ -28,6 +28,7 @@ def render_table(rows: Sequence[Sequence[str]], header: Sequence[str] | None = N
              for row in table]
     rule = "-" * max(len(line) for line in lines)
     first_body = 1 if header is not None else 0
-    for position in sorted({first_body + i for i in rule_before} | ({1} if header is not None else set()), reverse=True):
+    positions = {first_body + i for i in rule_before} | ({1} if header is not None else set())
+    for position in sorted(positions, reverse=True):
         lines.insert(position, rule)
     return "\n".join(indent + line for line in lines)

@@ -89,7 +89,8 @@ def _hub_unreachable() -> str | None:
     A two-second probe: without it the hub client retries for about a minute before failing.
     Skipped behind a proxy (the direct connection proves nothing) and in offline mode.
     """
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or any(os.environ.get(v) for v in PROXY_VARS):
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline or any(os.environ.get(v) for v in PROXY_VARS):
         return None
     url = urlparse(os.environ.get("HF_ENDPOINT") or DEFAULT_HUB)
     host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
@@ -175,7 +176,8 @@ def _create_model(args: argparse.Namespace) -> Any:
     if args.checkpoint:
         _load_checkpoint(model, args.checkpoint)
     else:
-        print(f"{PROG}: note: no --pretrained or --checkpoint; quantizing randomly initialised weights", file=sys.stderr)
+        print(f"{PROG}: note: no --pretrained or --checkpoint; quantizing randomly initialised weights",
+              file=sys.stderr)
     return model
 
 
@@ -197,7 +199,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .export import CONFIG_FILE, WEIGHTS_FILE, read_config, save_quantized
 
     _check_writable(args.out)
-    make_config(args.method, n_bits=args.bits, n_functions=args.functions)  # a bad --method fails before the model loads
+    # A bad --method fails before the model loads.
+    make_config(args.method, n_bits=args.bits, n_functions=args.functions)
     model = _create_model(args)
     quantizer = BitQuantizer(model, args.functions, args.bits, avoid=args.avoid or (), layers=tuple(args.layers),
                              method=args.method, device=args.device, verbose=True)
@@ -277,14 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", required=True, help="timm model name, e.g. resnet34")
     source = q.add_mutually_exclusive_group()
     source.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (from the hub)")
-    source.add_argument("--checkpoint", metavar="PATH", help="state dict file (.pth/.pt via torch.load, or .safetensors)")
+    source.add_argument("--checkpoint", metavar="PATH",
+                        help="state dict file (.pth/.pt via torch.load, or .safetensors)")
     q.add_argument("--num-classes", type=_int_at_least(0), help="classifier outputs (timm's num_classes)")
     q.add_argument("--in-chans", type=_int_at_least(1), help="input channels (timm's in_chans)")
     q.add_argument("--bits", type=_int_at_least(1, 8), default=4, help="bits per weight, 1..8 (default 4)")
     q.add_argument("--functions", type=_int_at_least(1), default=32,
                    help="channel groups per layer (n_functions), each with its own levels (default 32)")
     q.add_argument("--iters", type=_int_at_least(1), default=50, help="fitting iterations, >= 1 (default 50)")
-    q.add_argument("--method", default="hash", help="quantization method: hash, kmeans, or any registered (default hash)")
+    q.add_argument("--method", default="hash",
+                   help="quantization method: hash, kmeans, or any registered (default hash)")
     q.add_argument("--avoid", nargs="+", metavar="NAME", help="module names or glob patterns to keep in float")
     q.add_argument("--layers", nargs="+", choices=("conv", "linear"), default=["conv", "linear"],
                    help="layer kinds to quantize (default: conv linear)")

@@ -17,12 +17,13 @@ from . import _batched
 from ._errors import check_choice, check_module
 from ._kernels import BACKENDS, default_backend
 from ._registry import make_config
-from .config import QuantConfig
 from .backend import set_kernel_backend
+from .config import QuantConfig
 from .layers import MODES, QUANT_LAYERS, QuantMixin
 from .loss import hash_loss  # noqa: F401  (its home is loss.py; still importable from here)
 from .plugins import call_hook
 from .selection import FilterFn, LayerSelection
+
 
 def plan_quantization(
     model: nn.Module,

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from ._groups import as_rows, group_index
 from ._packing import MAX_BITS, pack_bits, unpack_bits
-from .bit_quantizer import BitQuantizer
 from ._state_dict import state_dict_mismatch
+from .bit_quantizer import BitQuantizer
 from .convert import freeze_model, quantized_layers
 from .layers import QuantMixin
 from .methods.base import Quantizer
@@ -49,12 +49,14 @@ def _layers_of(obj: Any) -> tuple[nn.Module, list[tuple[str, Tensor, Quantizer, 
     state-dict keys those layers own (replaced by codes and levels in the file)."""
     if isinstance(obj, BitQuantizer):
         if not obj.quantizers:
-            raise ValueError("model_or_quantizer is a BitQuantizer that was not fitted; call train_hash_functions() first")
+            raise ValueError("model_or_quantizer is a BitQuantizer that was not fitted; "
+                             "call train_hash_functions() first")
         layers = [(n, obj.modules[n].weight, obj.quantizers[n], obj.codes[n]) for n in obj.layer_names]
         return obj.model, layers, {f"{n}.weight" for n in obj.layer_names}
     if isinstance(obj, nn.Module):
         if isinstance(obj, QuantMixin):
-            raise TypeError(f"model_or_quantizer={type(obj).__name__} is a single layer; wrap it in a module (nn.Sequential)")
+            raise TypeError(f"model_or_quantizer={type(obj).__name__} is a single layer; "
+                            "wrap it in a module (nn.Sequential)")
         found = quantized_layers(obj)
         if not found:
             raise ValueError(
@@ -129,7 +131,8 @@ def _summary(quantizers: list[Quantizer]) -> dict[str, Any]:
     if len(configs) != 1:
         return {"method": "mixed", "n_bits": "mixed", "n_functions": "mixed", "options": None}
     q = quantizers[0]
-    return {"method": q.name, "n_bits": q.config.n_bits, "n_functions": q.config.n_functions, "options": q.config.to_dict()}
+    return {"method": q.name, "n_bits": q.config.n_bits, "n_functions": q.config.n_functions,
+            "options": q.config.to_dict()}
 
 
 def _new_dirs(directory: Path) -> list[Path]:
@@ -188,7 +191,8 @@ def save_quantized(model_or_quantizer: BitQuantizer | nn.Module, path: str | os.
     data = safetensors.torch.save(tensors, metadata={"format": "pt", "timm_qconv_format": str(FORMAT_VERSION)})
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "architecture": arch, "model_kwargs": kwargs, "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "architecture": arch, "model_kwargs": kwargs,
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         **_summary([q for _, _, q, _ in layers]),
         "layers": layer_meta,
         "weights_file": WEIGHTS_FILE, "weights_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
@@ -256,7 +260,8 @@ def _read_config(directory: Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise FileNotFoundError(f"path={str(directory)!r} is not a directory; expected one written by save_quantized")
     if not file.is_file():
-        raise FileNotFoundError(f"path={str(directory)!r} has no {CONFIG_FILE}; expected a directory written by save_quantized")
+        raise FileNotFoundError(f"path={str(directory)!r} has no {CONFIG_FILE}; "
+                                "expected a directory written by save_quantized")
     try:
         config = json.loads(file.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
@@ -266,7 +271,8 @@ def _read_config(directory: Path) -> dict[str, Any]:
         raise ValueError(f"{file} is not a timm_qconv export (format={found!r}, expected {FORMAT!r})")
     version = config.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"{file} has format_version={version!r}; this timm_qconv reads versions up to {FORMAT_VERSION}")
+        raise ValueError(f"{file} has format_version={version!r}; "
+                         f"this timm_qconv reads versions up to {FORMAT_VERSION}")
     for key in ("layers", "sha256", "weights_bytes"):
         if key not in config:
             raise ValueError(f"{file} lacks the {key!r} entry; the file is damaged")
@@ -280,7 +286,8 @@ def _read_weights(directory: Path, config: dict[str, Any]) -> bytes:
     data = file.read_bytes()
     if len(data) != config["weights_bytes"]:
         raise ValueError(
-            f"{file} is truncated or was changed: it has {len(data)} bytes, {CONFIG_FILE} records {config['weights_bytes']}"
+            f"{file} is truncated or was changed: it has {len(data)} bytes, "
+            f"{CONFIG_FILE} records {config['weights_bytes']}"
         )
     digest = hashlib.sha256(data).hexdigest()
     if digest != config["sha256"]:
@@ -325,7 +332,8 @@ def _decode_state(data: bytes, config: dict[str, Any]) -> dict[str, Tensor]:
             raise ValueError(f"layer {name!r} in {CONFIG_FILE} is incomplete or damaged ({exc})") from None
     for key, value in tensors.items():
         if key.endswith((CODES, LEVELS)):
-            raise ValueError(f"{WEIGHTS_FILE} has {key!r}, which {CONFIG_FILE} does not list; the files do not belong together")
+            raise ValueError(f"{WEIGHTS_FILE} has {key!r}, which {CONFIG_FILE} does not list; "
+                             "the files do not belong together")
         state[key] = value
     return state
 
@@ -347,7 +355,8 @@ def _create_model(config: dict[str, Any]) -> nn.Module:
     arch = config.get("architecture")
     if not arch:
         raise ValueError(
-            f"the saved model is a {config.get('model_class')}, not a timm model; pass model= with the same architecture"
+            f"the saved model is a {config.get('model_class')}, not a timm model; "
+            "pass model= with the same architecture"
         )
     import timm
 

@@ -79,7 +79,8 @@ class QuantMixin:
         """(Re)build the quantizer from the current weight, e.g. after loading pretrained float weights."""
         weight = self.weight.detach()
         if not bool(torch.isfinite(weight).all()):
-            raise ValueError(f"weight of {self._get_name()} {tuple(weight.shape)} has non-finite values; cannot quantize it")
+            raise ValueError(f"weight of {self._get_name()} {tuple(weight.shape)} has non-finite values; "
+                             "cannot quantize it")
         self.quantizer = config_owner(self.quant_config)(weight, self.quant_config)
 
     def quantized_weight(self) -> Tensor:
@@ -142,7 +143,8 @@ class QuantMixin:
     ) -> "QuantMixin":
         """Quantized twin of a plain layer; it shares the layer's weight and bias parameters."""
         if not isinstance(module, cls._float_class):
-            raise TypeError(f"module={type(module).__name__} cannot become {cls.__name__}; expected {cls._float_class.__name__}")
+            raise TypeError(f"module={type(module).__name__} cannot become {cls.__name__}; "
+                            f"expected {cls._float_class.__name__}")
         layer = cls(**_float_kwargs_of(module), device="meta", dtype=module.weight.dtype,
                     method=method, n_bits=n_bits, n_functions=n_functions, mode=mode, **options)
         layer.weight = module.weight
@@ -152,7 +154,8 @@ class QuantMixin:
         return layer
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, method={config_owner(self.quant_config).name}, n_bits={self.quant_config.n_bits}, mode={self.mode}"
+        method = config_owner(self.quant_config).name
+        return f"{super().extra_repr()}, method={method}, n_bits={self.quant_config.n_bits}, mode={self.mode}"
 
 
 def _float_kwargs_of(module: nn.Module) -> dict[str, Any]:

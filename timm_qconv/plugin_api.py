@@ -28,7 +28,8 @@ from .report import LayerReport, QuantReport
 from .selection import LayerSelection
 
 __all__ = [
-    "MAX_BITS", "atomic_write", "LayerReport", "LayerSelection", "PluginError", "QuantConfig", "QuantMixin", "QuantReport",
+    "MAX_BITS", "atomic_write", "LayerReport", "LayerSelection", "PluginError", "QuantConfig", "QuantMixin",
+    "QuantReport",
     "Quantizer", "ScaledShapeQuantizer", "SortedGroups", "as_rows", "check_choice", "check_float", "check_int",
     "density_init", "fit_scale", "get_method", "group_index", "hookimpl", "list_methods", "lloyd",
     "quantized_layers", "register_method", "register_plugin", "unregister_plugin",

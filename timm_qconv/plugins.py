@@ -181,7 +181,8 @@ def _call(caller: pluggy.HookCaller, **kwargs: Any) -> Any:
         plugin = _culprit(caller, error)
         if plugin is None:
             raise
-        raise PluginError(f"plugin {plugin!r} failed in hook {caller.name!r}: {type(error).__name__}: {error}") from error
+        raise PluginError(f"plugin {plugin!r} failed in hook {caller.name!r}: "
+                          f"{type(error).__name__}: {error}") from error
 
 
 def call_hook(hook: str, **kwargs: Any) -> Any:

@@ -64,7 +64,8 @@ class QuantReport:
 
     def __str__(self) -> str:
         header = ("layer", "shape", "bits", "groups", "rel. error", "SQNR dB")
-        rows = [(r.name, "x".join(map(str, r.shape)), str(r.n_bits), str(r.groups), f"{r.rel_error:.5f}", f"{r.sqnr_db:.2f}")
+        rows = [(r.name, "x".join(map(str, r.shape)), str(r.n_bits), str(r.groups), f"{r.rel_error:.5f}",
+                 f"{r.sqnr_db:.2f}")
                 for r in self.layers]
         rows.append(("total", "", "", "", f"{self.rel_error:.5f}", f"{self.sqnr_db:.2f}"))
         return render_table(rows, header, align="llrrrr", rule_before=[len(rows) - 1])

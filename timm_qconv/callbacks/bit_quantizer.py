@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from .._errors import check_int
-from .._table import render_table
 from .._registry import config_owner
+from .._table import render_table
 from ..bit_quantizer import BitQuantizer
 from ..config import QuantConfig
 from ..report import QuantReport
@@ -155,7 +155,8 @@ class BitQuantizerCallback(QuantCallback):
         state.logs.update({f"{kind}/{name}": v for kind in ("float", "quantized") for name, v in row[kind].items()})
         if handler is not None:
             handler.print(self.format(row))
-            handler.log({f"bitquantizer/{kind}/{name}": v for kind in ("float", "quantized") for name, v in row[kind].items()})
+            handler.log({f"bitquantizer/{kind}/{name}": v
+                         for kind in ("float", "quantized") for name, v in row[kind].items()})
         return row
 
     def format(self, row: dict[str, Any]) -> str:
@@ -170,12 +171,14 @@ class BitQuantizerCallback(QuantCallback):
         return "\n".join(lines)
 
     # ----------------------------------------------------------------- events
-    def on_epoch_end(self, state: TrainState, control: TrainControl, model: nn.Module, handler: Any = None, **kwargs: Any) -> None:
+    def on_epoch_end(self, state: TrainState, control: TrainControl, model: nn.Module, handler: Any = None,
+                     **kwargs: Any) -> None:
         every = self.options.every_n_epochs
         if every is not None and state.epoch % every == 0:
             self.run(model, state, handler)
 
-    def on_train_end(self, state: TrainState, control: TrainControl, model: nn.Module, handler: Any = None, **kwargs: Any) -> None:
+    def on_train_end(self, state: TrainState, control: TrainControl, model: nn.Module, handler: Any = None,
+                     **kwargs: Any) -> None:
         if self.options.at_train_end and not (self.history and self.history[-1]["step"] == state.global_step):
             self.run(model, state, handler)
 

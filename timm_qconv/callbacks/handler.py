@@ -74,7 +74,8 @@ class CallbackHandler:
             qat.on_step_end()                                              # +
     """
 
-    def __init__(self, callbacks: Iterable[QuantCallback] = (), accelerator: Any = None, max_steps: int | None = None) -> None:
+    def __init__(self, callbacks: Iterable[QuantCallback] = (), accelerator: Any = None,
+                 max_steps: int | None = None) -> None:
         self.callbacks = list(callbacks)
         for cb in self.callbacks:
             if not isinstance(cb, QuantCallback):
@@ -111,11 +112,12 @@ class CallbackHandler:
         self.state.is_main_process = accelerator.is_main_process
         if accelerator.num_processes == 1 and torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
-            warnings.warn(f"{torch.distributed.get_world_size()} processes were launched but Accelerate runs each on its "
-                          "own (no GPU found): on a machine without GPUs create Accelerator(cpu=True) to train them "
-                          "together with DDP over gloo", stacklevel=2)
+            warnings.warn(f"{torch.distributed.get_world_size()} processes were launched but Accelerate runs "
+                          "each on its own (no GPU found): on a machine without GPUs create "
+                          "Accelerator(cpu=True) to train them together with DDP over gloo", stacklevel=2)
         accelerator.register_for_checkpointing(self)
-        accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: self.on_save(output_dir=output_dir))
+        accelerator.register_save_state_pre_hook(
+            lambda models, weights, output_dir: self.on_save(output_dir=output_dir))
         accelerator.register_load_state_pre_hook(lambda models, input_dir: self.on_load(input_dir=input_dir))
         return self
 
@@ -174,7 +176,8 @@ class CallbackHandler:
                                    "on_init must convert the model in place")
         return model
 
-    def on_load(self, input_dir: str | os.PathLike | None = None, state_dict: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_load(self, input_dir: str | os.PathLike | None = None, state_dict: dict[str, Any] | None = None,
+                **kwargs: Any) -> None:
         """Resuming: restore the callbacks' state and check their settings, before any weight is loaded.
 
         Args:
@@ -276,7 +279,8 @@ class CallbackHandler:
 
     def state_dict(self) -> dict[str, Any]:
         """The run's counters and every stateful callback's state (JSON-serialisable)."""
-        return {"state": self.state.state_dict(), "callbacks": {k: cb.state_dict() for k, cb in self._stateful().items()}}
+        return {"state": self.state.state_dict(),
+                "callbacks": {k: cb.state_dict() for k, cb in self._stateful().items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; a callback whose settings differ raises, naming the setting."""

@@ -27,6 +27,7 @@ from ..loss import hash_loss
 from ..selection import LayerSelection
 from .base import QuantCallback, TrainControl, TrainState, method_config, resolve_options
 
+
 def _optional_int(name: str, value: Any, low: int) -> int | None:
     return None if value is None else check_int(name, value, low)
 
@@ -185,7 +186,8 @@ class HashLossCallback(QuantCallback):
                 p.copy_(frozen)
 
     # ----------------------------------------------------------------- events
-    def on_init(self, state: TrainState, control: TrainControl, model: nn.Module, handler: Any = None, **kwargs: Any) -> None:
+    def on_init(self, state: TrainState, control: TrainControl, model: nn.Module, handler: Any = None,
+                **kwargs: Any) -> None:
         if quantized_layers(model):
             raise ValueError(f"{type(model).__name__} already has quantized layers; HashLossCallback converts the "
                              "float model itself in on_init (do not call quantize_model before it)")
@@ -213,7 +215,8 @@ class HashLossCallback(QuantCallback):
             raise RuntimeError(f"the optimizer does not hold the quantizer parameters of {len(missing)} layers "
                                f"({missing[:3]}...): create the optimizer after handler.on_init(model)")
 
-    def on_loss(self, state: TrainState, control: TrainControl, loss: Tensor, model: nn.Module, **kwargs: Any) -> Tensor:
+    def on_loss(self, state: TrainState, control: TrainControl, loss: Tensor, model: nn.Module,
+                **kwargs: Any) -> Tensor:
         o = self.options
         if self.levels_frozen and self._distributed() and self._snapshot is None:  # resumed with frozen levels
             self._snapshot = [p.detach().clone() for p in self.quantizer_parameters()]
@@ -243,7 +246,8 @@ class HashLossCallback(QuantCallback):
             if handler is not None:
                 handler.print(f"timm_qconv: quantizer levels frozen after epoch {state.epoch}")
 
-    def on_train_end(self, state: TrainState, control: TrainControl, model: nn.Module, **kwargs: Any) -> nn.Module | None:
+    def on_train_end(self, state: TrainState, control: TrainControl, model: nn.Module,
+                     **kwargs: Any) -> nn.Module | None:
         self._restore_levels()
         if self.options.freeze_model_at_end:
             self.model_frozen = True

@@ -6,8 +6,8 @@ from .hash import HashConfig, HashQuantizer
 from .kmeans import KMeansConfig, KMeansQuantizer
 from .linear import LinearConfig, LinearQuantizer
 from .log import LogConfig, LogQuantizer
-from .scaled_shape import ScaledShapeQuantizer
 from .poly import PolyConfig, PolyQuantizer
+from .scaled_shape import ScaledShapeQuantizer
 
 BUILTIN_METHODS = {
     "hash": HashQuantizer,
@@ -26,5 +26,6 @@ def register_methods(register):
 
 __all__ = [
     "Quantizer", "HashConfig", "HashQuantizer", "KMeansConfig", "KMeansQuantizer", "LinearConfig",
-    "LinearQuantizer", "LogConfig", "LogQuantizer", "ScaledShapeQuantizer", "PolyConfig", "PolyQuantizer", "BUILTIN_METHODS",
+    "LinearQuantizer", "LogConfig", "LogQuantizer", "ScaledShapeQuantizer", "PolyConfig", "PolyQuantizer",
+    "BUILTIN_METHODS",
 ]

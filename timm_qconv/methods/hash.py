@@ -91,7 +91,8 @@ def _take_start(levels: Tensor, order: Tensor, cells: tuple, start: Tensor) -> t
     """Keep only start ``start[g]`` of each group in the per-start tensors of one QEM iteration."""
     n_groups, n_starts = levels.shape[:2]
     flat = torch.arange(n_groups, device=start.device) * n_starts + start
-    return levels[torch.arange(n_groups), start][:, None], order[flat], tuple(c[torch.arange(n_groups), start][:, None] for c in cells)
+    rows = torch.arange(n_groups)
+    return levels[rows, start][:, None], order[flat], tuple(c[rows, start][:, None] for c in cells)
 
 
 def _start_shapes(n_bits: int, n_random: int = 8) -> Tensor:

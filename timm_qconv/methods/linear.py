@@ -33,7 +33,8 @@ class LinearQuantizer(Quantizer):
         g = self.n_groups
         self.register_buffer("low", weight.new_zeros(g, dtype=torch.float32))
         self.register_buffer("high", weight.new_zeros(g, dtype=torch.float32))
-        self.register_buffer("fractions", torch.arange(1, config.n_levels, device=weight.device) / config.n_levels, persistent=False)
+        fractions = torch.arange(1, config.n_levels, device=weight.device) / config.n_levels
+        self.register_buffer("fractions", fractions, persistent=False)
         self.values = nn.Parameter(weight.new_zeros(g, config.n_levels, dtype=torch.float32))
         self.fit_(self.weight_stats(weight, stats), 1)
 

@@ -23,7 +23,8 @@ class ReportPlugin:
     It acts only when enabled: an instance you create is on unless ``enabled=False``; the one the
     installed package registers is on only with ``TIMM_QCONV_REPORT=1``, so installing it writes
     nothing and costs nothing. The first file written to a directory, and every set of plots, is
-    announced on stderr with its path. A record (one row per layer) is taken at every ``on_epoch_end`` and ``on_train_end`` training
+    announced on stderr with its path. A record (one row per layer) is taken at every ``on_epoch_end``
+    and ``on_train_end`` training
     event and after every BitQuantizer pass; ``on_train_begin`` starts over. The records file is
     rewritten after each. The plots are drawn at ``on_train_end`` (from the model, else from the
     last BitQuantizer pass), or after a BitQuantizer pass outside training. Only the main process
