@@ -44,7 +44,8 @@ class LeNetConfig(Config):
 
     dataset: str = option("fashion-mnist", "dataset", choices=("fashion-mnist", "cifar10"))
     bits: list[int] = option([4, 2], "bits per weight of the quantized runs (several: one run each)")
-    n_functions: int = option(8, "channel groups per layer, each with its own levels")
+    n_functions: int = option(128, "channel groups per layer, each with its own levels (128: one per channel)")
+    crop: bool = option(False, "augment with pad-4 random crops (flips always; LeNet underfits with crops)")
     epochs: int = option(20, "float training epochs (also QAT's with --qat-from-scratch)")
     qat_epochs: int = option(5, "QAT fine-tuning epochs from the float weights")
     lr: float = option(0.05, "peak SGD learning rate of float training, cosine-decayed to 0")

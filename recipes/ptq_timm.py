@@ -47,7 +47,8 @@ class PTQConfig:
     image_folder: str = option("", "evaluate on this image folder (one sub-folder per class)")
     eval_samples: int = option(0, "evaluate on the first N test images only (0: all)")
     bits: list[int] = option([4, 2], "bits per weight (several: one run each)")
-    method: str = option("hash", "quantization method", choices=list_methods())
+    method: str = option("kmeans", "quantization method (kmeans: free levels, the lowest weight error)",
+                         choices=list_methods())
     n_functions: int = option(32, "channel groups per layer, each with its own levels")
     iters: int = option(50, "BitQuantizer fitting iterations")
     batch_size: int = option(256, "evaluation batch size")

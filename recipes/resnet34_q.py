@@ -25,6 +25,7 @@ import copy
 import json
 import math
 import sys
+import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -63,7 +64,11 @@ class Config:
     crop: bool = option(True, "augment with pad-4 random crops (flips always)")
     mode: str = option("all", "what to run: float training, ptq of it, qat from it, or all", choices=MODES)
     bits: list[int] = option([4, 2], "bits per weight of the quantized runs (several: one run each)")
-    method: str = option("hash", "quantization method", choices=list_methods())
+    ptq_bits: list[int] = option([], "bits of the PTQ runs only (default: --bits)")
+    qat_bits: list[int] = option([], "bits of the QAT runs only (default: --bits)")
+    method: str = option("hash", "QAT's quantization method", choices=list_methods())
+    ptq_method: str = option("kmeans", "PTQ's method (kmeans: free levels, the lowest weight error)",
+                             choices=list_methods())
     n_functions: int = option(32, "channel groups per layer, each with its own levels")
     layers: str = option("conv,linear", "layer kinds to quantize")
     skip_first_last: bool = option(False, "keep the first conv and the classifier in float")
@@ -85,7 +90,9 @@ class Config:
     num_workers: int = option(2, "dataloader workers per process")
 
     def __post_init__(self) -> None:
-        checks = {"bits": all(isinstance(b, int) and 1 <= b <= 8 for b in self.bits) and len(self.bits) > 0,
+        self.ptq_bits, self.qat_bits = self.ptq_bits or list(self.bits), self.qat_bits or list(self.bits)
+        widths = self.bits + self.ptq_bits + self.qat_bits
+        checks = {"bits": all(isinstance(b, int) and 1 <= b <= 8 for b in widths) and len(self.bits) > 0,
                   "n_functions": self.n_functions >= 1, "epochs": self.epochs >= 1, "qat_epochs": self.qat_epochs >= 1,
                   "max_steps": self.max_steps >= 0, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
                   "qat_lr": self.qat_lr > 0, "train_subset": self.train_subset >= 0, "ptq_iters": self.ptq_iters >= 1,
@@ -116,11 +123,12 @@ def parse_args(config_class: type = TimmConfig, argv: list[str] | None = None, d
                 for f in fields(config_class)}
     for f in fields(config_class):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        help_text = f"{meta['help']} (default: {defaults[f.name]})".replace("%", "%%")
+        shown = "" if "default" in meta["help"] else f" (default: {defaults[f.name]})"
+        help_text = (meta["help"] + shown).replace("%", "%%")
         if isinstance(defaults[f.name], bool) or defaults[f.name] is None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=defaults[f.name], help=help_text)
         elif isinstance(defaults[f.name], list):
-            parser.add_argument(flag, type=int, nargs="+", default=defaults[f.name], help=help_text)
+            parser.add_argument(flag, type=int, nargs="+", default=defaults[f.name], help=help_text, metavar="N")
         else:
             parser.add_argument(flag, type=type(defaults[f.name]), default=defaults[f.name],
                                 choices=meta.get("choices"), help=help_text)
@@ -317,8 +325,13 @@ def run_all(cfg: Config, build_model: Callable[[Config, DatasetInfo], nn.Module]
     data, out, main = (train_set, test_set), Path(cfg.output_dir), accelerator.is_main_process
     results: dict[str, Any] = {"config": asdict(cfg), "final": {}, "epochs": []}
 
+    clock = [time.perf_counter(), time.process_time()]
+
     def finish(run: str, kind: str, n_bits: int | None, accuracy: float, saved: Path) -> None:
-        results["final"][run] = {"kind": kind, "n_bits": n_bits, "accuracy": accuracy, "bytes": saved.stat().st_size}
+        now = [time.perf_counter(), time.process_time()]  # this invocation's time on the run, main process
+        results["final"][run] = {"kind": kind, "n_bits": n_bits, "accuracy": accuracy, "bytes": saved.stat().st_size,
+                                 "wall_s": round(now[0] - clock[0], 1), "cpu_s": round(now[1] - clock[1], 1)}
+        clock[:] = now
         if main:
             atomic_write(out / "results.json", json.dumps(results, indent=1))
 
@@ -332,9 +345,9 @@ def run_all(cfg: Config, build_model: Callable[[Config, DatasetInfo], nn.Module]
                 acc.save_model(float_model, folder)  # model.safetensors
         acc.wait_for_everyone()
         finish("float", "float", None, accuracy, out / "float" / "model.safetensors")
-    for n_bits in cfg.bits if cfg.mode in ("all", "ptq") else ():
+    for n_bits in cfg.ptq_bits if cfg.mode in ("all", "ptq") else ():
         run = f"ptq-{n_bits}bit"
-        bq = BitQuantizer(float_model, cfg.n_functions, n_bits, method=cfg.method, verbose=main,
+        bq = BitQuantizer(float_model, cfg.n_functions, n_bits, method=cfg.ptq_method, verbose=main,
                           layers=tuple({"conv": nn.Conv2d, "linear": nn.Linear}[k] for k in cfg.layers.split(",")))
         bq.train_hash_functions(n_iter=cfg.ptq_iters)
         accuracy = evaluate(bq.get_hashed_model(), loader, acc, f"{run} eval")
@@ -344,7 +357,7 @@ def run_all(cfg: Config, build_model: Callable[[Config, DatasetInfo], nn.Module]
             plot_levels_over_weights(first_groups(layers), out / f"levels_{run}.png", title=run)
         accelerator.wait_for_everyone()
         finish(run, "ptq", n_bits, accuracy, out / run / "model.safetensors")
-    for n_bits in cfg.bits if cfg.mode in ("all", "qat") else ():
+    for n_bits in cfg.qat_bits if cfg.mode in ("all", "qat") else ():
         run = f"qat-{n_bits}bit"
         set_seed(cfg.seed)
         start = build_model(cfg, train_set.info) if cfg.qat_from_scratch else copy.deepcopy(float_model)
@@ -370,12 +383,15 @@ def run_all(cfg: Config, build_model: Callable[[Config, DatasetInfo], nn.Module]
 
 
 def print_table(final: dict[str, dict[str, Any]], out: Path) -> None:
+    """The comparison: run, bits, top-1 accuracy, change against float, size of the saved weights, time."""
     float_accuracy = final.get("float", {}).get("accuracy")
-    lines = [f"{'run':<12} {'bits':>4} {'accuracy':>9} {'vs float':>9} {'size':>10}"]
+    lines = [f"{'run':<12} {'bits':>4} {'accuracy':>9} {'vs float':>9} {'size':>10} {'time':>8}"]
     for run, row in final.items():
         drop = "" if float_accuracy is None or run == "float" else f"{100 * (row['accuracy'] - float_accuracy):+.2f} pt"
         bits = "32" if row["n_bits"] is None else str(row["n_bits"])
-        lines.append(f"{run:<12} {bits:>4} {100 * row['accuracy']:>8.2f}% {drop:>9} {row['bytes'] / 1024:>7.1f} KiB")
+        took = f"{row['wall_s'] / 60:.1f} min" if "wall_s" in row else ""
+        lines.append(f"{run:<12} {bits:>4} {100 * row['accuracy']:>8.2f}% {drop:>9} {row['bytes'] / 1024:>6.1f} KiB "
+                     f"{took:>8}")
     print("\n".join(lines))
     print(f"results: {out / 'results.json'}; charts: {', '.join(str(p) for p in sorted(out.glob('*.png')))}")
 
