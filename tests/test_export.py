@@ -167,7 +167,7 @@ def test_tampered_config_is_detected(saved_copy: Path) -> None:
     config = json.loads(file.read_text())
     config["layers"]["fc"]["shape"] = [7, 8]
     file.write_text(json.dumps(config))
-    _expect_untouched_after(ValueError, "bytes", saved_copy)
+    _expect_untouched_after(ValueError, "config.json was changed after saving", saved_copy)
     file.write_text("{not json")
     _expect_untouched_after(ValueError, "not valid JSON", saved_copy)
 
@@ -242,41 +242,34 @@ def test_failed_overwrite_keeps_old_files(saved: tuple[BitQuantizer, Path], save
     before = dir_snapshot(saved_copy)
     other = BitQuantizer(tiny(seed=3), 4, 2, method="kmeans", layers=ALL).train_hash_functions(1)
 
-    real_replace = os.replace
-    for failing_call in (1, 2):  # the weights' rename, then the config's (the weights must be restored)
-        renames = []
+    real_write = Path.write_bytes
+    for failing_call in (1, 2):  # writing the weights, then the config, into the new folder
+        calls = []
 
-        def fail_replace(src, dst):
-            renames.append(dst)
-            if len(renames) == failing_call:
-                raise OSError(28, "No space left on device")
-            real_replace(src, dst)
+        def fail_write(self, data):
+            calls.append(self.name)
+            if len(calls) == failing_call:
+                raise OSError(5, "Input/output error")
+            return real_write(self, data)
 
-        monkeypatch.setattr(export.os, "replace", fail_replace)
-        with pytest.raises(OSError, match="No space left"):
+        monkeypatch.setattr(Path, "write_bytes", fail_write)
+        with pytest.raises(OSError, match="Input/output error"):
             save_quantized(other, saved_copy)
-        assert dir_snapshot(saved_copy) == before, "old files must be untouched and temporary files removed"
         monkeypatch.undo()
+        assert dir_snapshot(saved_copy) == before, "old files must be untouched"
+        assert [p.name for p in saved_copy.parent.iterdir() if p.name.startswith(".")] == [], "temporary folder left"
 
-    real_write = export._write_temp
-    calls = []
+    import timm_qconv.atomic as atomic
 
-    def fail_second_write(directory, name, data):
-        calls.append(name)
-        if len(calls) == 2:
-            raise OSError(5, "Input/output error")
-        return real_write(directory, name, data)
-
-    monkeypatch.setattr(export, "_write_temp", fail_second_write)
-    with pytest.raises(OSError, match="Input/output error"):
+    monkeypatch.setattr(atomic, "_swap_in", lambda new, path: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(OSError, match="No space left"):
         save_quantized(other, saved_copy)
-    assert dir_snapshot(saved_copy) == before
     new = saved_copy.parent / "new" / "deeper"
-    calls.clear()
     with pytest.raises(OSError):
         save_quantized(other, new)
     assert not (saved_copy.parent / "new").exists(), "directories made by a failed save are removed"
     monkeypatch.undo()
+    assert dir_snapshot(saved_copy) == before
 
     save_quantized(other, saved_copy)  # a successful overwrite replaces both files and keeps the others
     assert (saved_copy / "notes.txt").read_text() == "mine"

@@ -101,6 +101,7 @@ class BitQuantizer:
     def train_hash_functions(self, n_iter: int = 50) -> "BitQuantizer":
         """Fit every layer's levels with ``n_iter`` iterations, then encode its weights."""
         check_int("n_iter", n_iter, 1)
+        check_finite(self.modules, self.layer_names)  # again: the weights may have changed since __init__
         quantizers, codes, reports = {}, {}, []
         items = tqdm(self.modules.items(), desc=f"{self.method.name} {self.config.n_bits}-bit",
                      unit="layer", disable=not self.verbose)

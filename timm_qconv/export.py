@@ -4,20 +4,29 @@ A saved model is a directory with two files:
 
 * ``model.safetensors``: for each quantized layer ``L``, ``L.weight.codes`` (its codes, bit-packed
   to ``ceil(log2(levels))`` bits each, see :mod:`timm_qconv._packing`) and ``L.weight.levels``
-  (the ``(groups, levels)`` float32 level table); every other state-dict tensor as it is.
+  (the ``(groups, levels)`` float32 level table); every other state-dict tensor as it is. Its
+  metadata holds the sha256 of the config it belongs to (:func:`~timm_qconv._export_schema.config_digest`).
 * ``config.json``: the timm architecture and the kwargs that recreate it, the method, bits and
-  groups, each quantized layer's shape and dtype, the format version, and the sha256 of
-  ``model.safetensors`` so that a truncated or modified file is detected before anything is loaded.
+  groups, each quantized layer's shape and dtype, the format version, and the size and sha256 of
+  ``model.safetensors``.
 
-Both files are written atomically (a temporary file in the same directory, then ``os.replace``),
-so an interrupted or failed save leaves the files that were there before untouched.
+Loading trusts neither file (an export may come from a stranger): the config is checked against a
+schema (:mod:`timm_qconv._export_schema`: a plain timm model name, only ``num_classes``/``in_chans``
+as keyword arguments, every layer entry typed and bounded), the weights file's size is compared
+before it is read, its sha256 before it is parsed, the config's digest in its metadata before
+anything is built, and the model is first built on the ``meta`` device so that its shapes are
+compared with the file's before any memory is allocated for it. Nothing is unpickled.
+
+The directory is written with :func:`timm_qconv.atomic.atomic_directory`: into a hidden sibling,
+then swapped in at once, so an interrupted save (a crash, ``SIGKILL``, Ctrl-C) leaves the previous
+export loadable, or, for a new path, no directory at all.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import uuid
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +34,21 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from ._export_schema import (CONFIG_FILE, DIGEST_METADATA, DTYPES, FORMAT, FORMAT_VERSION, WEIGHTS_FILE,
+                             check_config, config_digest)
 from ._groups import as_rows, group_index
-from ._packing import MAX_BITS, pack_bits, unpack_bits
+from ._packing import MAX_BITS, pack_bits, packed_size, unpack_bits
 from ._state_dict import state_dict_mismatch
+from .atomic import atomic_directory, resolve_directory
 from .bit_quantizer import BitQuantizer
 from .convert import freeze_model, quantized_layers
 from .layers import QuantMixin
 from .methods.base import Quantizer
 
-FORMAT = "timm_qconv.quantized"
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 CODES = ".weight.codes"
 LEVELS = ".weight.levels"
+MAX_CONFIG_BYTES = 64 * 2**20
+"""A config.json larger than this is refused before it is read (a real one is a few kB per layer)."""
 
 __all__ = ["save_quantized", "load_quantized", "read_config", "WEIGHTS_FILE", "CONFIG_FILE"]
 
@@ -52,6 +62,7 @@ def _layers_of(obj: Any) -> tuple[nn.Module, list[tuple[str, Tensor, Quantizer, 
             raise ValueError("model_or_quantizer is a BitQuantizer that was not fitted; "
                              "call train_hash_functions() first")
         layers = [(n, obj.modules[n].weight, obj.quantizers[n], obj.codes[n]) for n in obj.layer_names]
+        _check_finite(layers)
         return obj.model, layers, {f"{n}.weight" for n in obj.layer_names}
     if isinstance(obj, nn.Module):
         if isinstance(obj, QuantMixin):
@@ -75,11 +86,23 @@ def _layers_of(obj: Any) -> tuple[nn.Module, list[tuple[str, Tensor, Quantizer, 
                 quantizer.train(was_training)
             layers.append((name, layer.weight, quantizer, codes))
             owned |= {f"{name}.{k}" for k in layer.state_dict() if k == "weight" or k.startswith("quantizer.")}
+        _check_finite(layers)
         return obj, layers, owned
     raise TypeError(
         f"model_or_quantizer={type(obj).__name__} is not allowed; expected a fitted BitQuantizer or an nn.Module "
         f"with quantized layers (QuantConv2d/QuantLinear)"
     )
+
+
+def _check_finite(layers: list[tuple[str, Tensor, Quantizer, Tensor]]) -> None:
+    """Refuse NaN/inf weights or levels, naming the layer: a NaN would otherwise be saved as some level."""
+    for name, weight, quantizer, _ in layers:
+        if not bool(torch.isfinite(weight.detach()).all()):
+            raise ValueError(f"layer {name!r} has non-finite weights (NaN or inf); the export would hide them "
+                             "behind a level. Fix the weights (or keep the layer in float) before saving")
+        if not bool(torch.isfinite(quantizer.levels().detach()).all()):
+            raise ValueError(f"layer {name!r} has non-finite quantization levels (NaN or inf); "
+                             "its quantizer diverged, so it cannot be saved")
 
 
 def _float32_bytes(tensors: dict[str, Tensor]) -> int:
@@ -135,31 +158,6 @@ def _summary(quantizers: list[Quantizer]) -> dict[str, Any]:
             "options": q.config.to_dict()}
 
 
-def _new_dirs(directory: Path) -> list[Path]:
-    """The directories that creating ``directory`` would add, deepest first."""
-    missing = []
-    for p in [directory, *directory.parents]:
-        if p.exists():
-            break
-        missing.append(p)
-    return missing
-
-
-def _write_temp(directory: Path, final_name: str, data: bytes) -> Path:
-    """Write ``data`` to a new hidden file next to ``final_name`` and flush it to disk."""
-    tmp = directory / f".{final_name}.{uuid.uuid4().hex[:12]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, like open()
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
 @torch.no_grad()
 def save_quantized(model_or_quantizer: BitQuantizer | nn.Module, path: str | os.PathLike) -> Path:
     """Save a quantized model as packed codes plus level tables (see the module docstring).
@@ -188,67 +186,46 @@ def save_quantized(model_or_quantizer: BitQuantizer | nn.Module, path: str | os.
         tensors[key] = value.detach().to("cpu", copy=True).contiguous()  # copy: safetensors rejects shared storage
     float32_bytes = _float32_bytes({**plain, **{f"{n}.weight": w for n, w, _, _ in layers}})
     arch, kwargs = _timm_spec(model)
-    data = safetensors.torch.save(tensors, metadata={"format": "pt", "timm_qconv_format": str(FORMAT_VERSION)})
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "architecture": arch, "model_kwargs": kwargs,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         **_summary([q for _, _, q, _ in layers]),
         "layers": layer_meta,
-        "weights_file": WEIGHTS_FILE, "weights_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-        "float32_bytes": float32_bytes,
+        "weights_file": WEIGHTS_FILE, "float32_bytes": float32_bytes,
     }
-    config_data = (json.dumps(config, indent=2, default=str) + "\n").encode()
-    return _write_pair(Path(path), data, config_data)
+    config = json.loads(json.dumps(config, default=str))  # exactly what a reader will parse, for the digest
+    metadata = {"format": "pt", "timm_qconv_format": str(FORMAT_VERSION), DIGEST_METADATA: config_digest(config)}
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    config.update(weights_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    config_data = (json.dumps(config, indent=2) + "\n").encode()
+    return _write_export(Path(path), data, config_data)
 
 
-def _write_pair(directory: Path, weights: bytes, config: bytes) -> Path:
-    """Write both files atomically; on any error remove what this call created and re-raise."""
+def _write_export(directory: Path, weights: bytes, config: bytes) -> Path:
+    """Write both files into a temporary sibling and swap it in (``atomic_directory``); other files stay."""
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"path={str(directory)!r} is an existing file; expected a directory "
                          f"(to hold {WEIGHTS_FILE} and {CONFIG_FILE})")
-    created = _new_dirs(directory)
-    temps: list[Path] = []
-    old_weights, backup = directory / WEIGHTS_FILE, None
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        temps.append(_write_temp(directory, WEIGHTS_FILE, weights))
-        temps.append(_write_temp(directory, CONFIG_FILE, config))
-        if old_weights.exists():  # a hard link keeps the old weights, to restore if the config's rename fails
-            backup = directory / f".{WEIGHTS_FILE}.{uuid.uuid4().hex[:12]}.old"
-            try:
-                os.link(old_weights, backup)
-            except OSError:
-                backup = None  # no hard links here; a crash in between is still caught by the checksum
-        os.replace(temps[0], old_weights)
-        try:
-            os.replace(temps[1], directory / CONFIG_FILE)
-        except BaseException:
-            if backup is not None:
-                os.replace(backup, old_weights)
-            raise
-    except BaseException as exc:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
-        for d in created:  # deepest first; only directories this call made, and only if empty
-            try:
-                d.rmdir()
-            except OSError:
-                break
-        if isinstance(exc, OSError):
-            reason = exc.strerror or str(exc)
-            raise OSError(f"path={str(directory)!r} cannot be written: {reason} ({exc.filename or directory})") from exc
-        raise
-    finally:
-        if backup is not None:
-            backup.unlink(missing_ok=True)
+        with atomic_directory(directory) as tmp:
+            (tmp / WEIGHTS_FILE).write_bytes(weights)
+            (tmp / CONFIG_FILE).write_bytes(config)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise OSError(f"path={str(directory)!r} cannot be written: {reason} ({exc.filename or directory})") from exc
     return directory
 
 
 # ---------------------------------------------------------------------------------------- loading
 def read_config(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
-    """The ``config.json`` of a saved model; with ``verify``, also check ``model.safetensors``'s size and sha256."""
-    directory = Path(path)
+    """The checked ``config.json`` of a saved model.
+
+    Args:
+        path: the directory given to :func:`save_quantized`.
+        verify: also check ``model.safetensors``: its size, sha256 and the config digest it holds.
+    """
+    directory = resolve_directory(path)
     config = _read_config(directory)
     if verify:
         _read_weights(directory, config)
@@ -262,42 +239,59 @@ def _read_config(directory: Path) -> dict[str, Any]:
     if not file.is_file():
         raise FileNotFoundError(f"path={str(directory)!r} has no {CONFIG_FILE}; "
                                 "expected a directory written by save_quantized")
+    size = file.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{file} has {size} bytes; a timm_qconv config has at most {MAX_CONFIG_BYTES}")
     try:
-        config = json.loads(file.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{file} is not valid JSON ({exc}); the file is damaged") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        found = config.get("format") if isinstance(config, dict) else None
-        raise ValueError(f"{file} is not a timm_qconv export (format={found!r}, expected {FORMAT!r})")
-    version = config.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"{file} has format_version={version!r}; "
-                         f"this timm_qconv reads versions up to {FORMAT_VERSION}")
-    for key in ("layers", "sha256", "weights_bytes"):
-        if key not in config:
-            raise ValueError(f"{file} lacks the {key!r} entry; the file is damaged")
-    return config
+        config = json.loads(file.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"{file} is not valid JSON ({str(exc)[:100]}); the file is damaged") from None
+    return check_config(config, str(file))
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, Any]:
+    """The ``__metadata__`` of a safetensors byte string (its header is a length and a JSON object)."""
+    if len(data) < 8:
+        raise ValueError(f"{WEIGHTS_FILE} is too short to be a safetensors file")
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > len(data) - 8:
+        raise ValueError(f"{WEIGHTS_FILE} has a header of {length} bytes but only {len(data) - 8} follow")
+    try:
+        header = json.loads(data[8:8 + length].decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ValueError(f"{WEIGHTS_FILE} has a damaged header") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
 
 
 def _read_weights(directory: Path, config: dict[str, Any]) -> bytes:
+    """The weights file's bytes, once its size, sha256 and the config digest it names all match."""
     file = directory / WEIGHTS_FILE
     if not file.is_file():
         raise FileNotFoundError(f"path={str(directory)!r} has no {WEIGHTS_FILE}")
-    data = file.read_bytes()
-    if len(data) != config["weights_bytes"]:
+    size = file.stat().st_size
+    if size != config["weights_bytes"]:  # before reading: a huge file is never read into memory
         raise ValueError(
-            f"{file} is truncated or was changed: it has {len(data)} bytes, "
+            f"{file} is truncated or was changed: it has {size} bytes, "
             f"{CONFIG_FILE} records {config['weights_bytes']}"
         )
+    data = file.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
-    if digest != config["sha256"]:
+    if len(data) != size or digest != config["sha256"]:
         raise ValueError(f"{file} was changed after saving: its sha256 {digest[:16]}... does not match "
                          f"{CONFIG_FILE}'s {str(config['sha256'])[:16]}...")
+    bound = _safetensors_metadata(data).get(DIGEST_METADATA)
+    if bound != config_digest(config):
+        raise ValueError(f"{CONFIG_FILE} was changed after saving, or belongs to other weights: {WEIGHTS_FILE} "
+                         f"names a config with sha256 {str(bound)[:16]}..., this one has {config_digest(config)[:16]}...")
     return data
 
 
 def _decode_layer(name: str, meta: dict, tensors: dict[str, Tensor]) -> Tensor:
-    """The quantized weight of one layer, exactly as ``Quantizer.decode`` computes it, in its dtype."""
+    """The quantized weight of one layer, exactly as ``Quantizer.decode`` computes it, in its dtype.
+
+    Every size is checked against the tensors read from the file before anything is allocated.
+    """
     try:
         packed, levels = tensors.pop(name + CODES), tensors.pop(name + LEVELS)
     except KeyError as exc:
@@ -305,16 +299,20 @@ def _decode_layer(name: str, meta: dict, tensors: dict[str, Tensor]) -> Tensor:
             f"{WEIGHTS_FILE} lacks {exc.args[0]!r} listed in {CONFIG_FILE}; the files do not belong together") from None
     shape = torch.Size(meta["shape"])
     n_channels, n_codes = shape[0], shape.numel()
-    groups, n_levels = meta["groups"], meta["levels"]
-    if tuple(levels.shape) != (groups, n_levels) or levels.dtype != torch.float32 or not 1 <= groups <= n_channels:
+    groups, n_levels, code_bits = meta["groups"], meta["levels"], meta["code_bits"]
+    if tuple(levels.shape) != (groups, n_levels) or levels.dtype != torch.float32:
         raise ValueError(f"layer {name!r}: level table {tuple(levels.shape)} {levels.dtype} does not match "
-                         f"{CONFIG_FILE} ({groups}, {n_levels})")
-    codes = unpack_bits(packed, meta["code_bits"], n_codes).view(n_channels, -1).long()
+                         f"{CONFIG_FILE} ({groups}, {n_levels}) float32")
+    if not bool(torch.isfinite(levels).all()):
+        raise ValueError(f"layer {name!r} has non-finite levels (NaN or inf) in {WEIGHTS_FILE}")
+    expected = packed_size(n_codes, code_bits)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected:
+        raise ValueError(f"layer {name!r}: codes {tuple(packed.shape)} {packed.dtype} do not match {CONFIG_FILE} "
+                         f"(shape {list(shape)} at {code_bits} bits needs {expected} uint8 bytes)")
+    codes = unpack_bits(packed, code_bits, n_codes).view(n_channels, -1).long()
     if n_codes and int(codes.max()) >= n_levels:
         raise ValueError(f"layer {name!r} has code {int(codes.max())} but only {n_levels} levels; the file is damaged")
-    dtype = getattr(torch, meta["dtype"], None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"layer {name!r} has dtype {meta['dtype']!r}, which is not a torch dtype")
+    dtype = getattr(torch, meta["dtype"])  # one of DTYPES, checked with the config
     # Same lookup as Quantizer.decode: levels[group_index].gather(1, codes), then the layer's dtype.
     return levels[group_index(n_channels, groups)].gather(1, codes).view(shape).to(dtype)
 
@@ -323,13 +321,10 @@ def _decode_state(data: bytes, config: dict[str, Any]) -> dict[str, Tensor]:
     try:
         tensors = safetensors.torch.load(data)
     except Exception as exc:  # the checksum matched, so the writer itself produced a bad file
-        raise ValueError(f"{WEIGHTS_FILE} cannot be read: {exc}") from None
+        raise ValueError(f"{WEIGHTS_FILE} cannot be read: {str(exc)[:200]}") from None
     state = {}
     for name, meta in config["layers"].items():
-        try:
-            state[f"{name}.weight"] = _decode_layer(name, meta, tensors)
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"layer {name!r} in {CONFIG_FILE} is incomplete or damaged ({exc})") from None
+        state[f"{name}.weight"] = _decode_layer(name, meta, tensors)
     for key, value in tensors.items():
         if key.endswith((CODES, LEVELS)):
             raise ValueError(f"{WEIGHTS_FILE} has {key!r}, which {CONFIG_FILE} does not list; "
@@ -338,21 +333,35 @@ def _decode_state(data: bytes, config: dict[str, Any]) -> dict[str, Tensor]:
     return state
 
 
-def _plain_shapes(model: nn.Module) -> dict[str, torch.Size]:
-    """State-dict shapes of ``model`` once its quantized layers are frozen to plain ones."""
+def _plain_state(model: nn.Module) -> dict[str, Tensor]:
+    """State-dict tensors of ``model`` once its quantized layers are frozen to plain ones."""
     quant = [f"{n}.quantizer." if n else "quantizer." for n, _ in quantized_layers(model)]
-    return {k: v.shape for k, v in model.state_dict().items() if not k.startswith(tuple(quant))}
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(quant))}
+
+
+def _dtype_fits(saved: torch.dtype, own: torch.dtype) -> bool:
+    """A floating tensor may be saved in any allowed float dtype (``assign`` keeps it); others must match."""
+    if own.is_floating_point:
+        return saved.is_floating_point and _dtype_name(saved) in DTYPES
+    return saved == own
 
 
 def _check_fits(model: nn.Module, state: dict[str, Tensor], config: dict[str, Any]) -> None:
-    mismatch = state_dict_mismatch(_plain_shapes(model), state)
+    own = _plain_state(model)
+    mismatch = state_dict_mismatch({k: v.shape for k, v in own.items()}, state)
+    if mismatch is None:
+        wrong = [f"{k}: file {_dtype_name(state[k].dtype)}, model {_dtype_name(own[k].dtype)}"
+                 for k in own if not _dtype_fits(state[k].dtype, own[k].dtype)]
+        mismatch = f"different dtypes: {wrong[:5]}{' ...' if len(wrong) > 5 else ''} ({len(wrong)})" if wrong else None
     if mismatch:
         raise ValueError(f"model={type(model).__name__} does not match the saved architecture "
                          f"{config.get('architecture') or config.get('model_class')!r}; {mismatch}")
 
 
-def _create_model(config: dict[str, Any]) -> nn.Module:
-    arch = config.get("architecture")
+def _create_model(config: dict[str, Any], state: dict[str, Tensor]) -> nn.Module:
+    """The saved timm architecture, built on the meta device first: its shapes must match the file's
+    before any memory is allocated for it (a config asking for 10**8 classes fails here)."""
+    arch = config["architecture"]
     if not arch:
         raise ValueError(
             f"the saved model is a {config.get('model_class')}, not a timm model; "
@@ -360,30 +369,41 @@ def _create_model(config: dict[str, Any]) -> nn.Module:
         )
     import timm
 
-    return timm.create_model(arch, pretrained=False, **config.get("model_kwargs", {}))
+    if not timm.is_model(arch):
+        raise ValueError(f"{CONFIG_FILE}: architecture={arch!r} is not a timm model in this timm {timm.__version__}")
+    kwargs = dict(config["model_kwargs"])
+    try:
+        with torch.device("meta"):
+            skeleton = timm.create_model(arch, pretrained=False, **kwargs)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
+        raise ValueError(f"{CONFIG_FILE}: timm cannot build {arch!r} with {kwargs}: {str(exc)[:200]}") from None
+    _check_fits(skeleton, state, config)
+    del skeleton
+    return timm.create_model(arch, pretrained=False, **kwargs)
 
 
 @torch.no_grad()
 def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """Load a model written by :func:`save_quantized` as a plain model with the quantized weights.
 
-    Everything (checksum, every layer's codes and levels, every key and shape against the model)
-    is checked before the model is touched, so a bad file leaves ``model`` as it was.
+    Everything (the config's schema, the weights' size, sha256 and bound config digest, every
+    layer's codes and levels, every key, shape and dtype against the model) is checked before the
+    model is built or touched, so a bad file raises ``ValueError`` and leaves ``model`` as it was.
 
     Args:
         path: the directory given to :func:`save_quantized`.
         model: the module to load into, in place; ``None`` creates the saved timm architecture
-            (``pretrained=False``) with the saved dtypes. Quantized layers in ``model`` are replaced by
-            plain ones.
+            (``pretrained=False``, only ``num_classes``/``in_chans`` from the config) with the saved
+            dtypes. Quantized layers in ``model`` are replaced by plain ones.
     Returns:
         the model, whose weights equal ``BitQuantizer.get_hashed_model()``'s bit for bit.
     """
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model={type(model).__name__} is not an nn.Module (or None to create the saved timm model)")
-    directory = Path(path)
+    directory = resolve_directory(path)
     config = _read_config(directory)
     state = _decode_state(_read_weights(directory, config), config)
-    target = model if model is not None else _create_model(config)
+    target = model if model is not None else _create_model(config, state)
     _check_fits(target, state, config)
     if quantized_layers(target):
         target = freeze_model(target)
