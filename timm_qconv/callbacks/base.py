@@ -64,10 +64,33 @@ class TrainState:
         """The counters a resumed run needs (not the process layout, which belongs to the new run)."""
         return {name: getattr(self, name) for name in self._CHECKPOINTED}
 
+    @staticmethod
+    def check_state_dict(state: Any) -> dict[str, Any]:
+        """Return ``state`` if it holds valid counters (from a file: types and ranges are checked)."""
+        if not isinstance(state, dict) or set(state) != set(TrainState._CHECKPOINTED):
+            raise ValueError(f"state={_short(state)} is not allowed; expected an object with exactly the entries "
+                             f"{list(TrainState._CHECKPOINTED)}")
+        for name in ("global_step", "epoch"):
+            value = state[name]
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**62:
+                raise ValueError(f"state.{name}={_short(value)} is not allowed; expected an integer >= 0")
+        metrics = state["metrics"]
+        if not isinstance(metrics, dict) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in metrics.items()):
+            raise ValueError(f"state.metrics={_short(metrics)} is not allowed; expected an object of names to numbers")
+        return state
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in self._CHECKPOINTED:
-            if name in state:
-                setattr(self, name, state[name])
+        """Restore the counters of :meth:`state_dict` (checked first; nothing changes if they are invalid)."""
+        state = self.check_state_dict(state)
+        self.global_step, self.epoch = state["global_step"], state["epoch"]
+        self.metrics = {k: float(v) for k, v in state["metrics"].items()}
+
+
+def _short(value: Any) -> str:
+    """``repr`` cut to 60 characters, for messages about values read from files."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass

@@ -186,5 +186,14 @@ class BitQuantizerCallback(QuantCallback):
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.history)}
 
+    @staticmethod
+    def check_state_dict(state: Any) -> dict[str, Any]:
+        """Return ``state`` if it is ``{"history": [rows]}`` with JSON-like rows (from a file: checked)."""
+        if not isinstance(state, dict) or set(state) != {"history"} or not isinstance(state["history"], list) \
+                or not all(isinstance(row, dict) and all(isinstance(k, str) for k in row) for row in state["history"]):
+            raise ValueError("BitQuantizerCallback state is not allowed; expected an object "
+                             "{'history': [rows]} whose rows are objects with string keys")
+        return state
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = list(state.get("history", []))
+        self.history = list(self.check_state_dict(state)["history"])

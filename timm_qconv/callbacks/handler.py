@@ -3,23 +3,37 @@
 A training loop calls the handler's events; the handler keeps the :class:`TrainState`, calls every
 callback in order, then forwards the event to plugins (hook ``training_event``). With an
 ``accelerate.Accelerator`` attached, events fire on every process, printing happens on the main
-process only, the run's state is registered for ``save_state``/``load_state``, and ``on_save`` /
-``on_load`` fire from Accelerate's own checkpoint hooks, so the loop does not call them.
+process only, and ``on_save`` / ``on_load`` fire from Accelerate's own ``save_state`` /
+``load_state`` pre-hooks, so the loop does not call them.
+
+Checkpoints carry the callbacks' state as plain JSON (:data:`STATE_FILE`), never as a pickle: the
+handler is not registered with ``register_for_checkpointing``, whose ``custom_checkpoint_*.pkl``
+Accelerate unpickles with ``weights_only=False``. A loaded state is checked entirely (types,
+ranges, the quantization settings) before any of it is applied, and before the weights load.
+
+An event that raises leaves the handler as it was before the call (its event history, counters,
+flags and model), so a loop can fix the cause and call the event again.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import copy
 import json
 import os
 import warnings
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from .base import QuantCallback, TrainControl, TrainState
+from ..atomic import atomic_write
+from .base import QuantCallback, TrainControl, TrainState, _short
 
 STATE_FILE = "timm_qconv_callbacks.json"
 """Written by ``on_save`` into a checkpoint folder; ``on_load`` checks it before any weight loads."""
+MAX_STATE_BYTES = 16 * 2**20
+"""A state file larger than this is refused unread (a real one is well under a kilobyte per callback)."""
 
 _TRAINING_EVENTS = ("on_train_begin", "on_epoch_begin", "on_step_begin", "on_loss", "on_step_end", "on_epoch_end")
 
@@ -76,12 +90,17 @@ class CallbackHandler:
 
     def __init__(self, callbacks: Iterable[QuantCallback] = (), accelerator: Any = None,
                  max_steps: int | None = None) -> None:
+        if isinstance(callbacks, QuantCallback) or isinstance(callbacks, (str, bytes)) \
+                or not isinstance(callbacks, Iterable):
+            raise TypeError(f"callbacks={_short(callbacks)} has type {type(callbacks).__name__}; expected a list of "
+                            "QuantCallback instances, e.g. CallbackHandler([HashLossCallback(n_bits=4)])")
         self.callbacks = list(callbacks)
         for cb in self.callbacks:
             if not isinstance(cb, QuantCallback):
-                raise TypeError(f"callback {cb!r} has type {type(cb).__name__}; expected a QuantCallback instance")
+                raise TypeError(f"callbacks contains {_short(cb)} of type {type(cb).__name__}; "
+                                "expected QuantCallback instances")
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
-            raise ValueError(f"max_steps={max_steps!r} must be None or an integer >= 1")
+            raise ValueError(f"max_steps={max_steps!r} is not allowed; expected None or an integer >= 1")
         self.state = TrainState(max_steps=max_steps)
         self.control = TrainControl()
         self.model: nn.Module | None = None
@@ -98,14 +117,18 @@ class CallbackHandler:
     def attach(self, accelerator: Any) -> "CallbackHandler":
         """Run under ``accelerator``: main-process printing, checkpointing and checkpoint hooks.
 
-        Registers this handler (the run's counters and every stateful callback) with
-        ``register_for_checkpointing``, and fires ``on_save``/``on_load`` from Accelerate's
-        ``save_state``/``load_state`` pre-hooks: ``on_load`` then runs before the weights load.
+        Fires ``on_save``/``on_load`` from Accelerate's ``save_state``/``load_state`` pre-hooks:
+        ``on_save`` writes :data:`STATE_FILE` (JSON) into the checkpoint folder, and ``on_load``
+        checks and applies it before the weights load. Nothing is pickled.
         """
         if self.accelerator is accelerator:
             return self
         if self.accelerator is not None:
             raise RuntimeError("this CallbackHandler is already attached to another Accelerator")
+        needed = ("register_save_state_pre_hook", "register_load_state_pre_hook", "process_index", "unwrap_model")
+        if not all(hasattr(accelerator, name) for name in needed):
+            raise TypeError(f"accelerator={_short(accelerator)} has type {type(accelerator).__name__}; "
+                            "expected an accelerate.Accelerator (or None)")
         self.accelerator = accelerator
         self.state.process_index = accelerator.process_index
         self.state.num_processes = accelerator.num_processes
@@ -115,7 +138,6 @@ class CallbackHandler:
             warnings.warn(f"{torch.distributed.get_world_size()} processes were launched but Accelerate runs "
                           "each on its own (no GPU found): on a machine without GPUs create "
                           "Accelerator(cpu=True) to train them together with DDP over gloo", stacklevel=2)
-        accelerator.register_for_checkpointing(self)
         accelerator.register_save_state_pre_hook(
             lambda models, weights, output_dir: self.on_save(output_dir=output_dir))
         accelerator.register_load_state_pre_hook(lambda models, input_dir: self.on_load(input_dir=input_dir))
@@ -148,6 +170,22 @@ class CallbackHandler:
         if event == "on_epoch_end" and "epoch" not in self._open:
             raise RuntimeError("on_epoch_end called before on_epoch_begin")
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Undo the handler's own changes (events seen, open scopes, counters, flags, model) if the body raises."""
+        saved = (set(self._seen), set(self._open), self.model, copy.deepcopy(self.state.state_dict()),
+                 dataclasses.asdict(self.control), dict(self.state.logs))
+        try:
+            yield
+        except BaseException:
+            self._seen, self._open, self.model, counters, control, logs = saved
+            self.state.global_step, self.state.epoch, self.state.metrics = (
+                counters["global_step"], counters["epoch"], counters["metrics"])
+            for name, value in control.items():
+                setattr(self.control, name, value)
+            self.state.logs = logs
+            raise
+
     def _dispatch(self, event: str, **payload: Any) -> list[Any]:
         self._check_order(event)
         self._seen.add(event)
@@ -169,11 +207,12 @@ class CallbackHandler:
             raise RuntimeError("on_init got a model already wrapped in DistributedDataParallel: call on_init "
                                "before accelerator.prepare, so that DDP synchronises the quantizer's parameters")
         self._check_order("on_init")
-        self.model = unwrap_model(model, self.accelerator)
-        for result in self._dispatch("on_init"):
-            if isinstance(result, nn.Module) and result is not self.model:
-                raise RuntimeError(f"a callback's on_init returned a new model ({type(result).__name__}); "
-                                   "on_init must convert the model in place")
+        with self._transaction():
+            self.model = unwrap_model(model, self.accelerator)
+            for result in self._dispatch("on_init"):
+                if isinstance(result, nn.Module) and result is not self.model:
+                    raise RuntimeError(f"a callback's on_init returned a new model ({type(result).__name__}); "
+                                       "on_init must convert the model in place")
         return model
 
     def on_load(self, input_dir: str | os.PathLike | None = None, state_dict: dict[str, Any] | None = None,
@@ -184,64 +223,69 @@ class CallbackHandler:
             input_dir: an Accelerate checkpoint folder (fired for you by ``accelerator.load_state``).
             state_dict: in a plain loop, the :meth:`state_dict` saved in your checkpoint.
         """
+        self._check_order("on_load")
         saved = state_dict
         if saved is None and input_dir is not None:
-            path = os.path.join(os.fspath(input_dir), STATE_FILE)
-            if os.path.exists(path):
-                with open(path) as f:
-                    saved = json.load(f)
-        if saved is not None:
-            self._check_order("on_load")
-            self.load_state_dict(saved)
-        self._dispatch("on_load", input_dir=input_dir, **kwargs)
+            saved = read_state_file(input_dir)
+        with self._transaction():
+            if saved is not None:
+                self.load_state_dict(saved)
+            self._dispatch("on_load", input_dir=input_dir, **kwargs)
 
     def on_train_begin(self, **kwargs: Any) -> TrainControl:
-        self._dispatch("on_train_begin", **kwargs)
+        with self._transaction():
+            self._dispatch("on_train_begin", **kwargs)
         return self.control
 
     def on_epoch_begin(self, **kwargs: Any) -> TrainControl:
-        self._dispatch("on_epoch_begin", **kwargs)
-        self._open.add("epoch")
+        with self._transaction():
+            self._dispatch("on_epoch_begin", **kwargs)
+            self._open.add("epoch")
         return self.control
 
     def on_step_begin(self, **kwargs: Any) -> TrainControl:
-        self._dispatch("on_step_begin", **kwargs)
-        self._open.add("step")
+        with self._transaction():
+            self._dispatch("on_step_begin", **kwargs)
+            self._open.add("step")
         return self.control
 
     def on_loss(self, loss: Tensor, **kwargs: Any) -> Tensor:
         """Give every callback the loss in turn; returns the loss to backpropagate."""
         self._check_order("on_loss")
-        self._seen.add("on_loss")
-        common = {"model": self.model, "accelerator": self.accelerator, "handler": self, **kwargs}
-        for cb in self.callbacks:
-            result = cb.on_loss(self.state, self.control, loss=loss, **common)
-            loss = loss if result is None else result
-        forward_to_plugins("on_loss", self.state, self.control, {"model": self.model, "loss": loss, **kwargs})
+        with self._transaction():
+            self._seen.add("on_loss")
+            common = {"model": self.model, "accelerator": self.accelerator, "handler": self, **kwargs}
+            for cb in self.callbacks:
+                result = cb.on_loss(self.state, self.control, loss=loss, **common)
+                loss = loss if result is None else result
+            forward_to_plugins("on_loss", self.state, self.control, {"model": self.model, "loss": loss, **kwargs})
         return loss
 
     def on_step_end(self, **kwargs: Any) -> TrainControl:
         """Count the step (call it after ``optimizer.step()``, once per optimizer step)."""
         self._check_order("on_step_end")
-        self.state.global_step += 1
-        self.control.reset_step_flags()
-        if self.state.max_steps is not None and self.state.global_step >= self.state.max_steps:
-            self.control.should_stop = True
-        self._open.discard("step")
-        self._dispatch("on_step_end", **kwargs)
+        with self._transaction():
+            self.state.global_step += 1
+            self.control.reset_step_flags()
+            if self.state.max_steps is not None and self.state.global_step >= self.state.max_steps:
+                self.control.should_stop = True
+            self._open.discard("step")
+            self._dispatch("on_step_end", **kwargs)
         return self.control
 
     def on_evaluate(self, metrics: dict[str, float], **kwargs: Any) -> TrainControl:
         self._check_order("on_evaluate")
-        self.state.metrics = {k: float(v) for k, v in metrics.items()}
-        self._dispatch("on_evaluate", metrics=metrics, **kwargs)
+        with self._transaction():
+            self.state.metrics = {k: float(v) for k, v in metrics.items()}
+            self._dispatch("on_evaluate", metrics=metrics, **kwargs)
         return self.control
 
     def on_epoch_end(self, **kwargs: Any) -> TrainControl:
         self._check_order("on_epoch_end")
-        self.state.epoch += 1
-        self._dispatch("on_epoch_end", **kwargs)
-        self._open.discard("epoch")
+        with self._transaction():
+            self.state.epoch += 1
+            self._dispatch("on_epoch_end", **kwargs)
+            self._open.discard("epoch")
         return self.control
 
     def on_save(self, output_dir: str | os.PathLike | None = None, **kwargs: Any) -> dict[str, Any]:
@@ -250,19 +294,20 @@ class CallbackHandler:
         Returns:
             :meth:`state_dict`, to put into a plain loop's checkpoint dict.
         """
-        self._dispatch("on_save", output_dir=output_dir, **kwargs)
+        with self._transaction():
+            self._dispatch("on_save", output_dir=output_dir, **kwargs)
         state = self.state_dict()
         if output_dir is not None and self.state.is_main_process:
             os.makedirs(output_dir, exist_ok=True)
-            with open(os.path.join(os.fspath(output_dir), STATE_FILE), "w") as f:
-                json.dump(state, f, indent=1)
+            atomic_write(os.path.join(os.fspath(output_dir), STATE_FILE), json.dumps(state, indent=1, allow_nan=False))
         return state
 
     def on_train_end(self, **kwargs: Any) -> nn.Module:
         """Training ended; returns the (unwrapped) model, which callbacks may have frozen into plain layers."""
-        for result in self._dispatch("on_train_end", **kwargs):
-            if isinstance(result, nn.Module):
-                self.model = result
+        with self._transaction():
+            for result in self._dispatch("on_train_end", **kwargs):
+                if isinstance(result, nn.Module):
+                    self.model = result
         return self.model
 
     # ----------------------------------------------------------------- checkpointing
@@ -283,13 +328,56 @@ class CallbackHandler:
                 "callbacks": {k: cb.state_dict() for k, cb in self._stateful().items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; a callback whose settings differ raises, naming the setting."""
-        saved = state.get("callbacks", {})
-        mine = self._stateful()
-        if set(saved) != set(mine):
-            raise ValueError(f"the checkpoint has state for the callbacks {sorted(saved)}, "
-                             f"but this handler has the stateful callbacks {sorted(mine)}")
-        for name, cb in mine.items():
-            cb.load_state_dict(saved[name])
-        self.state.load_state_dict(state.get("state", {}))
+        """Restore :meth:`state_dict`, all or nothing.
 
+        Everything is checked first: the structure, the counters' types and ranges, and every
+        callback's own ``check_state_dict`` (a callback whose settings differ raises, naming the
+        setting). Only then is it applied; should a callback's ``load_state_dict`` still raise, the
+        callbacks already restored get their previous state back.
+        """
+        mine = self._stateful()
+        if not isinstance(state, dict) or set(state) != {"state", "callbacks"} or not isinstance(state["callbacks"], dict):
+            raise ValueError(f"callbacks' state={_short(state)} is not allowed; expected an object "
+                             "{'state': {...}, 'callbacks': {...}} written by CallbackHandler.state_dict()")
+        saved = state["callbacks"]
+        if set(saved) != set(mine):
+            raise ValueError(f"the checkpoint has state for the callbacks {sorted(map(str, saved))}, "
+                             f"but this handler has the stateful callbacks {sorted(mine)}")
+        counters = TrainState.check_state_dict(state["state"])
+        for name, cb in mine.items():
+            check = getattr(cb, "check_state_dict", None)
+            if callable(check):
+                check(saved[name])
+        before = {name: cb.state_dict() for name, cb in mine.items()}
+        done: list[str] = []
+        try:
+            for name, cb in mine.items():
+                cb.load_state_dict(saved[name])
+                done.append(name)
+        except BaseException:
+            for name in done:
+                with contextlib.suppress(Exception):
+                    mine[name].load_state_dict(before[name])
+            raise
+        self.state.load_state_dict(counters)
+
+
+def read_state_file(folder: str | os.PathLike) -> dict[str, Any]:
+    """The callbacks' state in ``folder/``:data:`STATE_FILE`, parsed as JSON (checked on loading).
+
+    Raises:
+        FileNotFoundError: the folder has no such file (it was not written by a ``CallbackHandler``).
+        ValueError: the file is too large or not JSON.
+    """
+    path = os.path.join(os.fspath(folder), STATE_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint folder {os.fspath(folder)!r} has no {STATE_FILE}; it was not saved "
+                                "by a run with a CallbackHandler, so the callbacks' state cannot be restored")
+    size = os.path.getsize(path)
+    if size > MAX_STATE_BYTES:
+        raise ValueError(f"{path} has {size} bytes; the callbacks' state file has at most {MAX_STATE_BYTES}")
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({str(exc)[:100]}); the file is damaged") from None

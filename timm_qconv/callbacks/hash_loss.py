@@ -25,7 +25,7 @@ from ..convert import freeze_model, quantize_model, quantized_layers
 from ..layers import MODES
 from ..loss import hash_loss
 from ..selection import LayerSelection
-from .base import QuantCallback, TrainControl, TrainState, method_config, resolve_options
+from .base import QuantCallback, TrainControl, TrainState, _short, method_config, resolve_options
 
 
 def _optional_int(name: str, value: Any, low: int) -> int | None:
@@ -259,19 +259,34 @@ class HashLossCallback(QuantCallback):
         return {"settings": self.options.quant_settings(), "levels_frozen": self.levels_frozen,
                 "model_frozen": self.model_frozen}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the state; settings that differ from this callback's raise ``ValueError`` naming them."""
-        saved, mine = state.get("settings", {}), self.options.quant_settings()
+    def check_state_dict(self, state: Any) -> dict[str, Any]:
+        """Return ``state`` if :meth:`load_state_dict` can apply it: the right entries and types, and
+        the same quantization settings as this callback (else ``ValueError`` naming them)."""
+        keys = ("settings", "levels_frozen", "model_frozen")
+        if not isinstance(state, dict) or set(state) != set(keys):
+            raise ValueError(f"HashLossCallback state={_short(state)} is not allowed; expected an object with "
+                             f"exactly the entries {list(keys)}")
+        for key in ("levels_frozen", "model_frozen"):
+            if not isinstance(state[key], bool):
+                raise ValueError(f"HashLossCallback state {key}={_short(state[key])} is not allowed; expected true or false")
+        saved, mine = state["settings"], self.options.quant_settings()
+        if not isinstance(saved, dict):
+            raise ValueError(f"HashLossCallback state settings={_short(saved)} is not allowed; expected an object")
         differ = [k for k in [*mine, *(k for k in saved if k not in mine)] if saved.get(k) != mine.get(k)]
         if differ:
-            detail = "; ".join(f"{k}={saved.get(k)!r} in the checkpoint but {k}={mine.get(k)!r} here" for k in differ)
+            detail = "; ".join(f"{k}={_short(saved.get(k))} in the checkpoint but {k}={mine.get(k)!r} here" for k in differ)
             raise ValueError(f"checkpoint made with different quantization settings: {detail}. "
                              "Resume with the checkpoint's settings, or start a new run")
-        if state.get("model_frozen") and not self.model_frozen and self._model is not None:
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state, once :meth:`check_state_dict` accepted all of it (nothing changes otherwise)."""
+        state = self.check_state_dict(state)
+        if state["model_frozen"] and not self.model_frozen and self._model is not None:
             # A checkpoint written after on_train_end holds plain layers: load it into plain layers.
             freeze_model(self._model)
             self.model_frozen = True
-        was_frozen, self.levels_frozen = self.levels_frozen, bool(state.get("levels_frozen", False))
+        was_frozen, self.levels_frozen = self.levels_frozen, state["levels_frozen"]
         self._snapshot = None  # under DDP: taken again at the next on_loss, once the weights are loaded
         if self.levels_frozen != was_frozen:
             self._sync_requires_grad()
