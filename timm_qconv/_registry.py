@@ -109,16 +109,45 @@ def make_config(method: "str | type[Quantizer] | QuantConfig" = "hash", **option
     """
     options = {k: v for k, v in options.items() if v is not None}
     if isinstance(method, QuantConfig):
-        config_owner(method)  # must belong to a registered method
-        return type(method).from_kwargs(**{**method.to_dict(), **options})
-    return get_method(method).config_class.from_kwargs(**options)
+        owner = config_owner(method)  # must belong to a registered method
+        return _named(type(method).from_kwargs(**{**method.to_dict(), **options}), owner.name)
+    cls = get_method(method)
+    return _named(cls.config_class.from_kwargs(**options), cls.name)
+
+
+_METHOD_ATTR = "_timm_qconv_method"
+"""Instance attribute (not a dataclass field) naming the method a config was made for."""
+
+
+def _named(config: QuantConfig, name: str) -> QuantConfig:
+    object.__setattr__(config, _METHOD_ATTR, name)  # works for frozen dataclasses too
+    return config
 
 
 def config_owner(config: QuantConfig) -> "type[Quantizer]":
-    """The registered method whose config class is ``type(config)``."""
-    for everything in (False, True):
+    """The registered method a config belongs to.
+
+    A config made by :func:`make_config` (and so by every public function taking ``method=``)
+    remembers the method's registered name, so two methods sharing one config class (a subclass
+    of ``KMeansQuantizer`` registered as ``"mine"``, or two plugins using the default
+    ``QuantConfig``) each get their own. A config built directly (``KMeansConfig(...)``) belongs
+    to the method whose class declares that config class itself; if several do, it is ambiguous.
+    """
+    name = getattr(config, _METHOD_ATTR, None)
+    for everything in (False, True):  # the built-in methods first, installed plugins only if needed
         _ensure_loaded(everything)
-        for cls in _METHODS.values():
-            if cls.config_class is type(config):
-                return cls
+        cls = _METHODS.get(name) if name is not None else None
+        if cls is not None and type(config) is cls.config_class:
+            return cls
+        users = [cls for cls in _METHODS.values() if cls.config_class is type(config)]
+        declaring = [cls for cls in users if "config_class" in vars(cls)] or users
+        if len(declaring) == 1 and name is None:
+            return declaring[0]
+        if len(declaring) > 1 and name is None:
+            names = sorted(cls.name for cls in declaring)
+            raise ValueError(f"config {type(config).__name__} is used by the methods {names}; pass the method's name "
+                             f"(method={names[0]!r}) or a config from make_config(name, ...) to say which")
+    if name is not None and name not in _METHODS:
+        raise ValueError(f"config {type(config).__name__} was made for method {name!r}, which is no longer registered; "
+                         f"known: {sorted(_METHODS)}")
     raise ValueError(f"config {type(config).__name__} belongs to no registered method; known: {sorted(_METHODS)}")
