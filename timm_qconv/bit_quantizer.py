@@ -119,8 +119,9 @@ class BitQuantizer:
             q = quantizer.decode(code)
             quantizers[name] = quantizer
             codes[name] = code.to(torch.uint8)
+            exact = rows.double()  # float64 sums: squares of weights near 1e20 and above overflow float32
             reports.append(LayerReport(name, tuple(module.weight.shape), config.n_bits, quantizer.n_groups,
-                                       float((q - rows).pow(2).sum()), float(rows.pow(2).sum())))
+                                       float((q.double() - exact).pow(2).sum()), float(exact.pow(2).sum())))
         self.quantizers, self.codes, self._report = quantizers, codes, QuantReport(reports)
         call_hook("after_bit_quantizer", quantizer=self, report=self._report)
         return self

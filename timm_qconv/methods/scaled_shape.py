@@ -2,7 +2,8 @@
 
 The base of ``log`` and of plugins such as ``apot``: a subclass only says which sorted shape its
 levels have for scale 1 (:meth:`ScaledShapeQuantizer.level_shape`); the scale of each group is
-fitted by :func:`fit_scale` and learned in the log domain, so that it stays positive.
+fitted by :func:`fit_scale` and learned in the log domain, so that it stays positive, and bounded
+above (:func:`scale_bound`) so that one outlier weight cannot drive the levels to inf.
 """
 from __future__ import annotations
 
@@ -12,6 +13,21 @@ from torch import Tensor, nn
 from .._groups import SortedGroups
 from ..config import QuantConfig
 from .base import Quantizer
+
+
+SCALE_HEADROOM = 2.0**10
+"""How far above a group's largest weight (when fitted) the scale may grow while training."""
+_LOG_TINY = float(torch.log(torch.tensor(torch.finfo(torch.float32).tiny)))
+_LOG_HALF_MAX = float(torch.log(torch.tensor(torch.finfo(torch.float32).max))) / 2
+
+
+def scale_bound(stats: SortedGroups) -> Tensor:
+    """Largest allowed log scale per group: ``log(SCALE_HEADROOM * max|w|)``, finite for any finite weights."""
+    g = torch.arange(stats.n_groups, device=stats.sorted.device)
+    peak = torch.maximum(stats.sorted[:, 0].abs(), stats.sorted[g, stats.counts - 1].abs()).double()
+    bound = (peak.clamp_min(torch.finfo(torch.float32).tiny) * SCALE_HEADROOM).log()
+    # Below float32's overflow even squared: levels are at most the scale, and the hash loss squares them.
+    return bound.clamp_max(_LOG_HALF_MAX).float()
 
 
 def fit_scale(stats: SortedGroups, shape: Tensor, n_iter: int, starts: int = 8) -> Tensor:
@@ -48,12 +64,16 @@ class ScaledShapeQuantizer(Quantizer):
         super().__init__(weight, config, stats)
         self.register_buffer("shape", self.level_shape(config, weight.device), persistent=False)
         stats = self.weight_stats(weight, stats)
-        # Learn the scale in the log domain so that it stays positive.
+        # Learn the scale in the log domain so that it stays positive. Bounded (log_scale_max), so
+        # that one outlier weight's huge gradient cannot push exp() to inf and the levels to NaN.
+        self.register_buffer("log_scale_max", scale_bound(stats), persistent=False)
         self.log_scale = nn.Parameter(fit_scale(stats, self.shape, config.init_iters).log())
 
     def levels(self) -> Tensor:
-        return self.log_scale.exp()[:, None] * self.shape
+        log_scale = torch.minimum(self.log_scale, self.log_scale_max).clamp_min(_LOG_TINY)
+        return log_scale.exp()[:, None] * self.shape
 
     @torch.no_grad()
     def fit_(self, stats: SortedGroups, n_iter: int, rows: Tensor | None = None) -> None:
+        self.log_scale_max.copy_(scale_bound(stats))
         self.log_scale.copy_(fit_scale(stats, self.shape, n_iter).log())

@@ -47,8 +47,8 @@ class LayerSnapshot:
         with torch.no_grad():
             w = weight.detach().flatten(1).float()
             q = quantized.detach().flatten(1).float()
-            total = float(w.pow(2).sum())
-            rel_error = float((q - w).pow(2).sum()) / total if total > 0 else 0.0
+            total = float(w.double().pow(2).sum())  # float64: squares of large weights overflow float32
+            rel_error = float((q.double() - w.double()).pow(2).sum()) / total if total > 0 else 0.0
             first = (group_index == 0).to(w.device)
             group_w, group_q = w[first].flatten(), q[first].flatten()
             sample = group_w[:: max(1, group_w.numel() // SAMPLE)]
