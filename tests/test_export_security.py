@@ -5,17 +5,17 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-import safetensors.torch
 import timm
 import torch
 from torch import nn
 
 from timm_qconv import BitQuantizer, load_quantized, quantize_model, save_quantized
-from timm_qconv._export_schema import DIGEST_METADATA, config_digest
 from timm_qconv.export import CONFIG_FILE, WEIGHTS_FILE, read_config
+
+from export_helpers import resign, set_entry
 
 
 def _tiny() -> nn.Module:
@@ -34,43 +34,23 @@ def copy(export_dir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(export_dir, tmp_path / "copy"))
 
 
-def resign(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
-    """Edit the config and rewrite both files consistently, as someone crafting an export would."""
-    config = json.loads((path / CONFIG_FILE).read_text())
-    edit(config)
-    tensors = safetensors.torch.load((path / WEIGHTS_FILE).read_bytes())
-    data = safetensors.torch.save(tensors, metadata={"format": "pt", DIGEST_METADATA: config_digest(config)})
-    config.update(weights_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    (path / WEIGHTS_FILE).write_bytes(data)
-    (path / CONFIG_FILE).write_text(json.dumps(config))
-
-
-def _set(*keys: Any, value: Any) -> Callable[[dict[str, Any]], None]:
-    def edit(config: dict[str, Any]) -> None:
-        target = config
-        for key in keys[:-1]:
-            target = target[key]
-        target[keys[-1]] = value
-    return edit
-
-
 CRAFTED = {
-    "hf-hub": (_set("architecture", value="hf-hub:attacker/model"), "architecture"),
-    "local-dir": (_set("architecture", value="local-dir:/tmp/elsewhere"), "architecture"),
-    "path": (_set("architecture", value="../../resnet18"), "architecture"),
-    "checkpoint_path": (_set("model_kwargs", "checkpoint_path", value="/etc/passwd"), "model_kwargs.checkpoint_path"),
-    "pretrained_cfg_overlay": (_set("model_kwargs", "pretrained_cfg_overlay", value={"file": "/x"}), "model_kwargs"),
-    "act_layer": (_set("model_kwargs", "act_layer", value="tanh"), "model_kwargs.act_layer"),
-    "huge num_classes": (_set("model_kwargs", "num_classes", value=10**8), "model_kwargs.num_classes"),
-    "num_classes not int": (_set("model_kwargs", "num_classes", value="5"), "model_kwargs.num_classes"),
-    "kwargs not a dict": (_set("model_kwargs", value=[1]), "model_kwargs"),
-    "bool dtype": (_set("layers", "fc", "dtype", value="bool"), "dtype"),
-    "negative shape": (_set("layers", "fc", "shape", value=[-5, 8]), "shape"),
-    "no layers": (_set("layers", value=[]), "layers"),
+    "hf-hub": (set_entry("architecture", value="hf-hub:attacker/model"), "architecture"),
+    "local-dir": (set_entry("architecture", value="local-dir:/tmp/elsewhere"), "architecture"),
+    "path": (set_entry("architecture", value="../../resnet18"), "architecture"),
+    "checkpoint_path": (set_entry("model_kwargs", "checkpoint_path", value="/etc/passwd"), "model_kwargs.checkpoint_path"),
+    "pretrained_cfg_overlay": (set_entry("model_kwargs", "pretrained_cfg_overlay", value={"file": "/x"}), "model_kwargs"),
+    "act_layer": (set_entry("model_kwargs", "act_layer", value="tanh"), "model_kwargs.act_layer"),
+    "huge num_classes": (set_entry("model_kwargs", "num_classes", value=10**8), "model_kwargs.num_classes"),
+    "num_classes not int": (set_entry("model_kwargs", "num_classes", value="5"), "model_kwargs.num_classes"),
+    "kwargs not a dict": (set_entry("model_kwargs", value=[1]), "model_kwargs"),
+    "bool dtype": (set_entry("layers", "fc", "dtype", value="bool"), "dtype"),
+    "negative shape": (set_entry("layers", "fc", "shape", value=[-5, 8]), "shape"),
+    "no layers": (set_entry("layers", value=[]), "layers"),
     "groups missing": (lambda c: c["layers"]["fc"].pop("groups"), "layers"),
-    "zero float32_bytes": (_set("float32_bytes", value=0), "float32_bytes"),
-    "other weights file": (_set("weights_file", value="/etc/passwd"), "weights_file"),
-    "version 1": (_set("format_version", value=1), "format_version"),
+    "zero float32_bytes": (set_entry("float32_bytes", value=0), "float32_bytes"),
+    "other weights file": (set_entry("weights_file", value="/etc/passwd"), "weights_file"),
+    "version 1": (set_entry("format_version", value=1), "format_version"),
 }
 
 
@@ -88,7 +68,7 @@ def test_crafted_config_is_refused_before_building(name: str, copy: Path, monkey
 
 
 def test_classifier_size_is_checked_on_meta_before_allocating(copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    resign(copy, _set("model_kwargs", "num_classes", value=999_999))  # allowed range, wrong for the weights
+    resign(copy, set_entry("model_kwargs", "num_classes", value=999_999))  # allowed range, wrong for the weights
     devices = []
     real = timm.create_model
 

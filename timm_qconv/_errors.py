@@ -58,3 +58,24 @@ def check_module(name: str, value: Any) -> Any:
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
         raise TypeError(f"{name}={shown} has type {type(value).__name__}; expected a torch.nn.Module")
     return value
+
+
+def check_device(name: str, value: Any) -> Any:
+    """Return ``value`` as a ``torch.device`` if it names a device that exists here (``None`` passes through)."""
+    import torch
+
+    if value is None:
+        return None
+    if not isinstance(value, (str, torch.device)):
+        raise TypeError(f"{name}={value!r} has type {type(value).__name__}; expected a device such as 'cpu' or 'cuda:0'")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{name}={value!r} is not a device; expected e.g. 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise ValueError(f"{name}={value!r} is not available: {found} CUDA device(s) found here; expected 'cpu'"
+                         + (f" or cuda:0..cuda:{found - 1}" if found else ""))
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"{name}={value!r} is not available here; expected 'cpu'")
+    return device

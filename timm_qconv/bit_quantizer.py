@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._errors import check_int, check_module
+from ._errors import check_device, check_int, check_module
 from ._groups import SortedGroups, as_rows
 from ._registry import config_owner, make_config
 from .config import QuantConfig
@@ -74,6 +74,7 @@ class BitQuantizer:
         n_fs: int | None = None,
         **options: Any,
     ) -> None:
+        device = check_device("device", device)
         if n_fs is not None and n_functions is not None:
             raise TypeError(f"n_functions={n_functions!r} and n_fs={n_fs!r}: give one (n_fs is its old name)")
         n_functions = n_fs if n_fs is not None else n_functions
@@ -87,7 +88,7 @@ class BitQuantizer:
         modules = dict(model.named_modules())
         self.modules: dict[str, nn.Module] = {name: modules[name] for name in self.layer_names}
         check_finite(self.modules, self.layer_names)
-        self.device = torch.device(device) if device is not None else None
+        self.device = device
         self.verbose = bool(verbose)
         self.quantizers: dict[str, Quantizer] = {}
         self.codes: dict[str, Tensor] = {}  # uint8 (C, K) code of every weight, after fitting

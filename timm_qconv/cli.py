@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pickle
 import socket
 import sys
 import time
@@ -144,6 +145,10 @@ def _read_state_dict(path: str) -> dict[str, Any]:
             state = safetensors.torch.load_file(file)
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's weights_only loader refused a Python object
+        raise CLIError(f"argument --checkpoint: {path!r} holds pickled Python objects (a whole saved model?), which "
+                       "are not loaded because unpickling can run code; expected a state dict: save it with "
+                       "torch.save(model.state_dict(), path) or as .safetensors", 2) from exc
     except Exception as exc:
         raise CLIError(f"argument --checkpoint: cannot read {path!r}: {_cause(exc)}", 1) from exc
     for key in ("state_dict", "model", "module"):  # training checkpoints wrap the state dict
@@ -159,10 +164,25 @@ def _read_state_dict(path: str) -> dict[str, Any]:
 
 def _load_checkpoint(model: Any, path: str) -> None:
     state = _read_state_dict(path)
-    mismatch = state_dict_mismatch({k: v.shape for k, v in model.state_dict().items()}, state, shown=3)
+    own = model.state_dict()
+    mismatch = state_dict_mismatch({k: v.shape for k, v in own.items()}, state, shown=3)
     if mismatch:
-        raise CLIError(f"argument --checkpoint: {path!r} does not fit {type(model).__name__}: {mismatch}")
+        wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+        raise CLIError(f"argument --checkpoint: {path!r} does not fit {type(model).__name__}: {mismatch}"
+                       + _classifier_hint(model, state, wrong))
     model.load_state_dict(state)
+
+
+def _classifier_hint(model: Any, state: dict[str, Any], wrong: list[str]) -> str:
+    """``; pass --num-classes N`` when only the classifier's output size differs."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    head = cfg.get("classifier") if isinstance(cfg, dict) else None
+    if not isinstance(head, str) or not wrong or not all(k.startswith(head + ".") for k in wrong):
+        return ""
+    weight = state.get(head + ".weight")
+    if weight is None or weight.dim() < 1:
+        return ""
+    return f"; the checkpoint's classifier {head!r} has {weight.shape[0]} outputs: pass --num-classes {weight.shape[0]}"
 
 
 def _create_model(args: argparse.Namespace) -> Any:
@@ -181,11 +201,14 @@ def _create_model(args: argparse.Namespace) -> Any:
     return model
 
 
-def _check_writable(out: str) -> None:
-    """Fail before the fit, not after it, when ``--out`` obviously cannot be written."""
+def _check_writable(out: str, overwrite: bool = False) -> None:
+    """Fail before the fit, not after it, when ``--out`` cannot or must not be written."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise CLIError(f"argument --out: {out!r} is an existing file; expected a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise CLIError(f"argument --out: {out!r} already exists and is not empty; pass --overwrite to replace "
+                       "the export in it (other files there are kept), or choose another directory")
     parent = next(p for p in [path, *path.parents] if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise CLIError(f"argument --out: {out!r} cannot be written ({parent} is not a writable directory)", 1)
@@ -198,7 +221,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .bit_quantizer import BitQuantizer
     from .export import CONFIG_FILE, WEIGHTS_FILE, read_config, save_quantized
 
-    _check_writable(args.out)
+    from ._errors import check_device
+
+    _check_writable(args.out, args.overwrite)
+    try:
+        check_device("--device", args.device)  # before the model loads and the progress bar starts
+    except ValueError as exc:
+        raise CLIError(f"argument {exc}") from None
     # A bad --method fails before the model loads.
     make_config(args.method, n_bits=args.bits, n_functions=args.functions)
     model = _create_model(args)
@@ -221,8 +250,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Describe a directory written by ``quantize`` (or ``save_quantized``), after checking its checksum."""
     from .export import CONFIG_FILE, WEIGHTS_FILE, read_config
 
+    from .atomic import resolve_directory
+
     config = read_config(args.path, verify=True)
-    directory = Path(args.path)
+    directory = resolve_directory(args.path)
     files = sum((directory / f).stat().st_size for f in (WEIGHTS_FILE, CONFIG_FILE))
     layers, before = config["layers"], config["float32_bytes"]
     n_weights = sum(_numel(meta["shape"]) for meta in layers.values())
@@ -295,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer kinds to quantize (default: conv linear)")
     q.add_argument("--device", default=None, help="device to fit on, e.g. cuda (default: where the model is)")
     q.add_argument("--out", required=True, metavar="DIR", help="output directory (model.safetensors + config.json)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
 
     i = sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)
     i.add_argument("path", metavar="DIR", help="a directory written by quantize")
@@ -308,7 +340,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, so that a closed pipe (``info ... | head``) is handled below
+        return code
+    except BrokenPipeError:
+        # The reader went away: say nothing more, and keep Python from complaining at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # like a shell command killed by SIGPIPE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
@@ -318,6 +357,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exc.code if isinstance(exc, CLIError) else 2 if isinstance(exc, (ValueError, TypeError)) else 1
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return code
+    except Exception as exc:  # a bug of ours or of a library: still one line, with the way to see more
+        if args.traceback:
+            raise
+        print(f"{PROG}: error: unexpected {_cause(exc)} (run with --traceback for details)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

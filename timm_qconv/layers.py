@@ -78,6 +78,9 @@ class QuantMixin:
     def reset_quantizer(self) -> None:
         """(Re)build the quantizer from the current weight, e.g. after loading pretrained float weights."""
         weight = self.weight.detach()
+        if weight.numel() == 0:
+            raise ValueError(f"{self._get_name()}({self.extra_repr_float()}) has no weights (shape {tuple(weight.shape)}); "
+                             "expected at least one input and one output channel/feature")
         if not bool(torch.isfinite(weight).all()):
             raise ValueError(f"weight of {self._get_name()} {tuple(weight.shape)} has non-finite values; "
                              "cannot quantize it")
@@ -152,6 +155,10 @@ class QuantMixin:
         layer.reset_quantizer()
         layer.train(module.training)
         return layer
+
+    def extra_repr_float(self) -> str:
+        """The plain layer's ``extra_repr`` (its sizes), for messages."""
+        return super().extra_repr()  # type: ignore[misc]
 
     def extra_repr(self) -> str:
         method = config_owner(self.quant_config).name
