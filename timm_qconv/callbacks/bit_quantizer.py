@@ -11,6 +11,7 @@ together with :class:`~timm_qconv.callbacks.HashLossCallback` (whose layers are 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -114,6 +115,8 @@ class BitQuantizerCallback(QuantCallback):
         self.history: list[dict[str, Any]] = []
         self.quantized_model: nn.Module | None = None
         self.report: QuantReport | None = None
+        self._epoch_events = False  # the loop calls on_epoch_begin/on_epoch_end
+        self._warned_epochs = False
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -171,6 +174,17 @@ class BitQuantizerCallback(QuantCallback):
         return "\n".join(lines)
 
     # ----------------------------------------------------------------- events
+    def on_epoch_begin(self, state: TrainState, control: TrainControl, **kwargs: Any) -> None:
+        self._epoch_events = True
+
+    def on_step_end(self, state: TrainState, control: TrainControl, **kwargs: Any) -> None:
+        if self.options.every_n_epochs is not None and not self._epoch_events and not self._warned_epochs:
+            self._warned_epochs = True
+            warnings.warn(f"every_n_epochs={self.options.every_n_epochs} needs epoch events, but this loop calls no "
+                          "on_epoch_begin/on_epoch_end, so BitQuantizerCallback runs only at on_train_end: call "
+                          "handler.on_epoch_begin() and handler.on_epoch_end() around each epoch",
+                          RuntimeWarning, stacklevel=4)
+
     def on_epoch_end(self, state: TrainState, control: TrainControl, model: nn.Module, handler: Any = None,
                      **kwargs: Any) -> None:
         every = self.options.every_n_epochs

@@ -12,6 +12,7 @@ every optimizer step, which keeps them identical on every process.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -145,6 +146,10 @@ class HashLossCallback(QuantCallback):
         self._model: nn.Module | None = None
         self._state: TrainState | None = None
         self._snapshot: list[Tensor] | None = None  # DDP only: the frozen levels, written back after each step
+        self._optimizer_checked = False  # the optimizer was seen to hold the quantizer's parameters
+        self._probe: _OptimizerProbe | None = None  # without an optimizer in sight: watch the first steps
+        self._epoch_events = False  # the loop calls on_epoch_begin/on_epoch_end
+        self._warned_epochs = False
 
     # ----------------------------------------------------------------- levels
     def quantizer_parameters(self) -> list[nn.Parameter]:
@@ -205,18 +210,48 @@ class HashLossCallback(QuantCallback):
             handler.print(f"timm_qconv: {len(self.layer_names)} layers quantized ({s['method']}, {s['n_bits']} bits, "
                           f"{s['n_functions']} channel groups, mode={o.mode})")
 
-    def on_train_begin(self, state: TrainState, control: TrainControl, optimizer: Any = None, **kwargs: Any) -> None:
-        if optimizer is None:
-            return
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    def _check_optimizers(self, optimizers: list[Any]) -> None:
+        held = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
         missing = [name for name, layer in quantized_layers(self._model)
                    if any(p.requires_grad and id(p) not in held for p in layer.quantizer.parameters())]
         if missing:
             raise RuntimeError(f"the optimizer does not hold the quantizer parameters of {len(missing)} layers "
                                f"({missing[:3]}...): create the optimizer after handler.on_init(model)")
+        self._optimizer_checked = True
+
+    def on_train_begin(self, state: TrainState, control: TrainControl, optimizer: Any = None, **kwargs: Any) -> None:
+        if optimizer is not None:
+            self._check_optimizers([optimizer])
+
+    def on_epoch_begin(self, state: TrainState, control: TrainControl, **kwargs: Any) -> None:
+        self._epoch_events = True
+
+    def _watch_optimizer(self, accelerator: Any) -> None:
+        """The short loop calls no on_train_begin: find out from what it does call whether the
+        optimizer holds the quantizer's parameters (Accelerate knows its prepared optimizers;
+        otherwise the first steps are watched: weights move but levels with gradients do not)."""
+        optimizers = list(getattr(accelerator, "_optimizers", None) or [])
+        if optimizers:
+            self._check_optimizers(optimizers)
+        elif self._probe is None and not self.levels_frozen and self._model is not None:
+            self._probe = _OptimizerProbe(self._model)
+
+    def _conclude_probe(self) -> None:
+        verdict = self._probe.verdict()
+        if verdict is None:
+            return  # no evidence this step (no gradient reached the levels, or the step was skipped)
+        self._probe.close()
+        self._probe = None
+        self._optimizer_checked = True
+        if verdict:
+            warnings.warn(f"the quantizer parameters of {len(verdict)} layers ({verdict[:3]}) got gradients but did "
+                          "not change in the first optimizer step while the weights did: the optimizer does not hold "
+                          "them. Create the optimizer after handler.on_init(model)", RuntimeWarning, stacklevel=5)
 
     def on_loss(self, state: TrainState, control: TrainControl, loss: Tensor, model: nn.Module,
                 **kwargs: Any) -> Tensor:
+        if not self._optimizer_checked:
+            self._watch_optimizer(kwargs.get("accelerator"))
         o = self.options
         if self.levels_frozen and self._distributed() and self._snapshot is None:  # resumed with frozen levels
             self._snapshot = [p.detach().clone() for p in self.quantizer_parameters()]
@@ -231,6 +266,14 @@ class HashLossCallback(QuantCallback):
         return loss + weight * term
 
     def on_step_end(self, state: TrainState, control: TrainControl, handler: Any = None, **kwargs: Any) -> None:
+        if self._probe is not None:
+            self._conclude_probe()
+        if self.options.freeze_levels_after_epoch is not None and not self._epoch_events and not self._warned_epochs:
+            self._warned_epochs = True
+            warnings.warn(f"freeze_levels_after_epoch={self.options.freeze_levels_after_epoch} needs epoch events, but "
+                          "this loop calls no on_epoch_begin/on_epoch_end, so the levels would never freeze: call "
+                          "handler.on_epoch_begin() and handler.on_epoch_end() around each epoch, or use "
+                          "freeze_levels_after_step", RuntimeWarning, stacklevel=4)
         self._restore_levels()
         self._anneal(state.global_step)
         after = self.options.freeze_levels_after_step
@@ -290,3 +333,41 @@ class HashLossCallback(QuantCallback):
         self._snapshot = None  # under DDP: taken again at the next on_loss, once the weights are loaded
         if self.levels_frozen != was_frozen:
             self._sync_requires_grad()
+
+
+class _OptimizerProbe:
+    """Watches one optimizer step: which quantizer parameters received a non-zero gradient, and
+    whether they and the layers' weights changed. Hooks are removed by :meth:`close`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [(name, layer) for name, layer in quantized_layers(model)]
+        self.levels = {name: [p.detach().clone() for p in layer.quantizer.parameters() if p.requires_grad]
+                       for name, layer in self.layers}
+        self.weights = [layer.weight.detach().clone() for _, layer in self.layers]
+        self.got_grad: set[str] = set()
+        self.handles = []
+        for name, layer in self.layers:
+            for p in layer.quantizer.parameters():
+                if p.requires_grad:
+                    self.handles.append(p.register_post_accumulate_grad_hook(self._seen(name)))
+
+    def _seen(self, name: str) -> Callable[[Tensor], None]:
+        def hook(param: Tensor) -> None:
+            if name not in self.got_grad and param.grad is not None and bool(param.grad.any()):
+                self.got_grad.add(name)
+        return hook
+
+    @torch.no_grad()
+    def verdict(self) -> list[str] | None:
+        """Layers whose levels should have moved and did not; ``None`` when this step proves nothing."""
+        weights_moved = any(not torch.equal(layer.weight, before) for (_, layer), before in zip(self.layers, self.weights))
+        if not weights_moved or not self.got_grad:
+            return None
+        return [name for name, layer in self.layers if name in self.got_grad and all(
+            torch.equal(p, before) for p, before in zip((p for p in layer.quantizer.parameters() if p.requires_grad),
+                                                        self.levels[name]))]
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
