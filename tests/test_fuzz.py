@@ -33,7 +33,8 @@ from timm_qconv.export import CONFIG_FILE, WEIGHTS_FILE
 
 from export_helpers import resign
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True,
+                database=None)  # reproducible, and nothing written into the checkout
 
 # ---------------------------------------------------------------------------------- one valid export
 _ROOT = Path(tempfile.mkdtemp(prefix="timm_qconv_fuzz_"))

@@ -41,7 +41,7 @@ _MAX_DIMS = 8
 def config_digest(config: dict[str, Any]) -> str:
     """sha256 of the config's canonical JSON, without the entries that describe the weights file."""
     bound = {k: v for k, v in config.items() if k not in UNBOUND}
-    text = json.dumps(bound, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    text = json.dumps(bound, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

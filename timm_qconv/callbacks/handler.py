@@ -299,7 +299,7 @@ class CallbackHandler:
         state = self.state_dict()
         if output_dir is not None and self.state.is_main_process:
             os.makedirs(output_dir, exist_ok=True)
-            atomic_write(os.path.join(os.fspath(output_dir), STATE_FILE), json.dumps(state, indent=1, allow_nan=False))
+            atomic_write(os.path.join(os.fspath(output_dir), STATE_FILE), json.dumps(state, indent=1))
         return state
 
     def on_train_end(self, **kwargs: Any) -> nn.Module:
