@@ -219,3 +219,13 @@ def test_callback_handler_names_bad_callbacks(callbacks: Any, match: str) -> Non
 def test_callback_handler_names_a_bad_accelerator() -> None:
     with pytest.raises(TypeError, match="accelerator='gpu'.*expected an accelerate.Accelerator"):
         CallbackHandler([], accelerator="gpu")
+
+
+def test_a_nan_metric_is_saved_and_restored(tmp_path: Path) -> None:
+    handler, _ = fresh_handler()
+    handler.on_evaluate({"loss": float("nan"), "acc": 0.5})
+    handler.on_save(output_dir=tmp_path)  # a diverged evaluation must not make the checkpoint fail
+    other, _ = fresh_handler()
+    other.on_load(input_dir=tmp_path)
+    metrics = other.state.metrics
+    assert metrics["acc"] == 0.5 and metrics["loss"] != metrics["loss"], f"metrics not restored: {metrics}"
