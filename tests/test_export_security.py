@@ -46,6 +46,8 @@ CRAFTED = {
     "kwargs not a dict": (set_entry("model_kwargs", value=[1]), "model_kwargs"),
     "bool dtype": (set_entry("layers", "fc", "dtype", value="bool"), "dtype"),
     "negative shape": (set_entry("layers", "fc", "shape", value=[-5, 8]), "shape"),
+    "huge shape": (set_entry("layers", "fc", "shape", value=[2**40, 2**40]), "codes or levels do not match"),
+    "other levels": (set_entry("layers", "fc", "levels", value=3), "codes or levels do not match"),
     "no layers": (set_entry("layers", value=[]), "layers"),
     "groups missing": (lambda c: c["layers"]["fc"].pop("groups"), "layers"),
     "zero float32_bytes": (set_entry("float32_bytes", value=0), "float32_bytes"),

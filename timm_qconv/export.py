@@ -249,8 +249,8 @@ def _read_config(directory: Path) -> dict[str, Any]:
     return check_config(config, str(file))
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, Any]:
-    """The ``__metadata__`` of a safetensors byte string (its header is a length and a JSON object)."""
+def _safetensors_header(data: bytes) -> dict[str, Any]:
+    """The JSON header of a safetensors byte string (a little-endian length, then the header)."""
     if len(data) < 8:
         raise ValueError(f"{WEIGHTS_FILE} is too short to be a safetensors file")
     (length,) = struct.unpack("<Q", data[:8])
@@ -260,8 +260,24 @@ def _safetensors_metadata(data: bytes) -> dict[str, Any]:
         header = json.loads(data[8:8 + length].decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ValueError(f"{WEIGHTS_FILE} has a damaged header") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return meta if isinstance(meta, dict) else {}
+    return header if isinstance(header, dict) else {}
+
+
+def _check_layers_against_header(header: dict[str, Any], config: dict[str, Any]) -> None:
+    """Every layer's codes and levels in the weights file have the sizes its config entry implies
+    (read from the header alone, so ``read_config`` and ``info`` catch it without decoding)."""
+    for name, meta in config["layers"].items():
+        n_codes = 1
+        for size in meta["shape"]:
+            n_codes *= size
+        expected = {name + CODES: ("U8", [packed_size(n_codes, meta["code_bits"])]),
+                    name + LEVELS: ("F32", [meta["groups"], meta["levels"]])}
+        for key, (dtype, shape) in expected.items():
+            entry = header.get(key)
+            found = (entry.get("dtype"), entry.get("shape")) if isinstance(entry, dict) else None
+            if found != (dtype, shape):
+                raise ValueError(f"layer {name!r}: {WEIGHTS_FILE} has {key!r} as {found}, but {CONFIG_FILE} "
+                                 f"implies {(dtype, shape)}; the codes or levels do not match")
 
 
 def _read_weights(directory: Path, config: dict[str, Any]) -> bytes:
@@ -280,10 +296,13 @@ def _read_weights(directory: Path, config: dict[str, Any]) -> bytes:
     if len(data) != size or digest != config["sha256"]:
         raise ValueError(f"{file} was changed after saving: its sha256 {digest[:16]}... does not match "
                          f"{CONFIG_FILE}'s {str(config['sha256'])[:16]}...")
-    bound = _safetensors_metadata(data).get(DIGEST_METADATA)
+    header = _safetensors_header(data)
+    metadata = header.get("__metadata__") if isinstance(header.get("__metadata__"), dict) else {}
+    bound = metadata.get(DIGEST_METADATA)
     if bound != config_digest(config):
         raise ValueError(f"{CONFIG_FILE} was changed after saving, or belongs to other weights: {WEIGHTS_FILE} "
                          f"names a config with sha256 {str(bound)[:16]}..., this one has {config_digest(config)[:16]}...")
+    _check_layers_against_header(header, config)
     return data
 
 
