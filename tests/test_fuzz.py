@@ -227,20 +227,29 @@ def test_sigkill_during_save_always_leaves_a_loadable_export(exchange: bool, tmp
     models = [_qat_model(2), _qat_model(3)]  # the old export and the new one differ in every layer
     wanted = [freeze_model(copy.deepcopy(m)).state_dict() for m in models]
     out = tmp_path / "export"
+    started = time.perf_counter()
     save_quantized(models[0], out)
+    seconds = time.perf_counter() - started  # how long one save takes here, to aim the kills inside saves
     rng = random.Random(0)
     outcomes = {0: 0, 1: 0}
     for kill in range(24):
+        done_r, done_w = os.pipe()
         pid = os.fork()
-        if pid == 0:  # the child saves the two models in turn, until it is killed
+        if pid == 0:  # the child saves the two models in turn, until it is killed; one byte per finished save
             try:
+                os.close(done_r)
                 for i in range(10**6):
-                    save_quantized(models[i % 2], out)
+                    save_quantized(models[(i + 1) % 2], out)
+                    os.write(done_w, b".")
             finally:
                 os._exit(0)
-        time.sleep(rng.uniform(0.0, 0.25))
+        os.close(done_w)
+        for _ in range(rng.randrange(3)):  # let 0..2 saves finish, then kill at a random point of the next
+            os.read(done_r, 1)
+        time.sleep(rng.uniform(0.0, 1.5 * seconds))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+        os.close(done_r)
         loaded = load_quantized(out, model=_small())  # raises if the export is not loadable
         state = loaded.state_dict()
         which = [i for i, want in enumerate(wanted) if all(torch.equal(state[k], want[k]) for k in want)]
