@@ -12,12 +12,11 @@ from typing import Any
 import pytest
 import timm
 import torch
+from export_helpers import resign, set_entry
 
 from timm_qconv import BitQuantizer, save_quantized
 from timm_qconv.cli import main
 from timm_qconv.export import CONFIG_FILE
-
-from export_helpers import resign, set_entry
 
 MODEL = "test_resnet"
 
@@ -29,7 +28,8 @@ def _tiny() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_quantized(BitQuantizer(_tiny(), 4, 2).train_hash_functions(1), tmp_path_factory.mktemp("cli") / "q")
+    bq = BitQuantizer(_tiny(), 4, 2, layers=("conv", "linear")).train_hash_functions(1)
+    return save_quantized(bq, tmp_path_factory.mktemp("cli") / "q")
 
 
 def one_line(capsys: pytest.CaptureFixture, code: int, got: int) -> str:

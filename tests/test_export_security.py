@@ -10,12 +10,11 @@ from typing import Any
 import pytest
 import timm
 import torch
+from export_helpers import resign, set_entry
 from torch import nn
 
 from timm_qconv import BitQuantizer, load_quantized, quantize_model, save_quantized
 from timm_qconv.export import CONFIG_FILE, WEIGHTS_FILE, read_config
-
-from export_helpers import resign, set_entry
 
 
 def _tiny() -> nn.Module:
@@ -25,7 +24,7 @@ def _tiny() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    bq = BitQuantizer(_tiny(), 4, 2).train_hash_functions(1)
+    bq = BitQuantizer(_tiny(), 4, 2, layers=("conv", "linear")).train_hash_functions(1)
     return save_quantized(bq, tmp_path_factory.mktemp("sec") / "q")
 
 
@@ -38,8 +37,10 @@ CRAFTED = {
     "hf-hub": (set_entry("architecture", value="hf-hub:attacker/model"), "architecture"),
     "local-dir": (set_entry("architecture", value="local-dir:/tmp/elsewhere"), "architecture"),
     "path": (set_entry("architecture", value="../../resnet18"), "architecture"),
-    "checkpoint_path": (set_entry("model_kwargs", "checkpoint_path", value="/etc/passwd"), "model_kwargs.checkpoint_path"),
-    "pretrained_cfg_overlay": (set_entry("model_kwargs", "pretrained_cfg_overlay", value={"file": "/x"}), "model_kwargs"),
+    "checkpoint_path": (set_entry("model_kwargs", "checkpoint_path", value="/etc/passwd"),
+                        "model_kwargs.checkpoint_path"),
+    "pretrained_cfg_overlay": (set_entry("model_kwargs", "pretrained_cfg_overlay", value={"file": "/x"}),
+                               "model_kwargs"),
     "act_layer": (set_entry("model_kwargs", "act_layer", value="tanh"), "model_kwargs.act_layer"),
     "huge num_classes": (set_entry("model_kwargs", "num_classes", value=10**8), "model_kwargs.num_classes"),
     "num_classes not int": (set_entry("model_kwargs", "num_classes", value="5"), "model_kwargs.num_classes"),
@@ -81,7 +82,7 @@ def test_classifier_size_is_checked_on_meta_before_allocating(copy: Path, monkey
     monkeypatch.setattr(timm, "create_model", spy)
     with pytest.raises(ValueError, match="does not match the saved architecture"):
         load_quantized(copy)
-    assert devices == ["meta"], f"the model must be built only on the meta device before its shapes match, got {devices}"
+    assert devices == ["meta"], f"the model must be built only on the meta device until its shapes match: {devices}"
 
 
 def test_config_edited_alone_is_detected(copy: Path) -> None:
@@ -93,7 +94,8 @@ def test_config_edited_alone_is_detected(copy: Path) -> None:
 
 
 def test_weights_of_another_export_are_detected(copy: Path, tmp_path: Path) -> None:
-    other = save_quantized(BitQuantizer(_tiny(), 4, 3).train_hash_functions(1), tmp_path / "other")
+    other = save_quantized(BitQuantizer(_tiny(), 4, 3, layers=("conv", "linear")).train_hash_functions(1),
+                           tmp_path / "other")
     config = json.loads((copy / CONFIG_FILE).read_text())
     data = (other / WEIGHTS_FILE).read_bytes()
     config.update(weights_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
@@ -128,7 +130,7 @@ def test_nan_weights_are_refused_by_save(tmp_path: Path) -> None:
 
 def test_nan_weights_are_refused_by_bit_quantizer_fit() -> None:
     model = _tiny()
-    bq = BitQuantizer(model, 4, 2)
+    bq = BitQuantizer(model, 4, 2, layers=("conv", "linear"))
     with torch.no_grad():
         model.fc.weight[0, 0] = float("inf")  # became non-finite after the constructor
     with pytest.raises(ValueError, match="layer 'fc' has non-finite weights"):

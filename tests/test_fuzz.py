@@ -21,17 +21,23 @@ from typing import Any
 import pytest
 import timm
 import torch
+from export_helpers import resign
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from timm_qconv import (BitQuantizer, QuantMixin, freeze_model, load_quantized, quantize_model, quantized_layers,
-                        save_quantized)
-from timm_qconv import atomic
+from timm_qconv import (
+    BitQuantizer,
+    QuantMixin,
+    atomic,
+    freeze_model,
+    load_quantized,
+    quantize_model,
+    quantized_layers,
+    save_quantized,
+)
 from timm_qconv.callbacks import CallbackHandler, HashLossCallback
 from timm_qconv.export import CONFIG_FILE, WEIGHTS_FILE
-
-from export_helpers import resign
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True,
                 database=None)  # reproducible, and nothing written into the checkout

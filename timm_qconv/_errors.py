@@ -67,7 +67,8 @@ def check_device(name: str, value: Any) -> Any:
     if value is None:
         return None
     if not isinstance(value, (str, torch.device)):
-        raise TypeError(f"{name}={value!r} has type {type(value).__name__}; expected a device such as 'cpu' or 'cuda:0'")
+        raise TypeError(f"{name}={value!r} has type {type(value).__name__}; "
+                        "expected a device such as 'cpu' or 'cuda:0'")
     try:
         device = torch.device(value)
     except (RuntimeError, ValueError):

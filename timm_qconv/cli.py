@@ -217,11 +217,10 @@ def _check_writable(out: str, overwrite: bool = False) -> None:
 # ------------------------------------------------------------------------------ subcommands
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Fit a model's layers to few bits, save it, print the per-layer error and the sizes."""
+    from ._errors import check_device
     from ._registry import make_config
     from .bit_quantizer import BitQuantizer
     from .export import CONFIG_FILE, WEIGHTS_FILE, read_config, save_quantized
-
-    from ._errors import check_device
 
     _check_writable(args.out, args.overwrite)
     try:
@@ -248,9 +247,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Describe a directory written by ``quantize`` (or ``save_quantized``), after checking its checksum."""
-    from .export import CONFIG_FILE, WEIGHTS_FILE, read_config
-
     from .atomic import resolve_directory
+    from .export import CONFIG_FILE, WEIGHTS_FILE, read_config
 
     config = read_config(args.path, verify=True)
     directory = resolve_directory(args.path)

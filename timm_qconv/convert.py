@@ -82,7 +82,8 @@ def check_finite(modules: dict[str, nn.Module], names: Iterable[str]) -> None:
     """Raise, naming the layer, if a layer to be quantized has no weights, or NaN or inf weights."""
     for name in names:
         if modules[name].weight.numel() == 0:
-            raise ValueError(f"layer {name!r} ({modules[name]}) has no weights (shape {tuple(modules[name].weight.shape)}); "
+            shape = tuple(modules[name].weight.shape)
+            raise ValueError(f"layer {name!r} ({modules[name]}) has no weights (shape {shape}); "
                              f"expected at least one input and one output channel, or pass avoid=[{name!r}]")
         if not bool(torch.isfinite(modules[name].weight).all()):
             raise ValueError(f"layer {name!r} has non-finite weights (NaN or inf); fix them or pass avoid=[{name!r}]")

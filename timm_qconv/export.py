@@ -34,8 +34,16 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from ._export_schema import (CONFIG_FILE, DIGEST_METADATA, DTYPES, FORMAT, FORMAT_VERSION, WEIGHTS_FILE,
-                             check_config, config_digest)
+from ._export_schema import (
+    CONFIG_FILE,
+    DIGEST_METADATA,
+    DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    check_config,
+    config_digest,
+)
 from ._groups import as_rows, group_index
 from ._packing import MAX_BITS, pack_bits, packed_size, unpack_bits
 from ._state_dict import state_dict_mismatch
@@ -301,7 +309,8 @@ def _read_weights(directory: Path, config: dict[str, Any]) -> bytes:
     bound = metadata.get(DIGEST_METADATA)
     if bound != config_digest(config):
         raise ValueError(f"{CONFIG_FILE} was changed after saving, or belongs to other weights: {WEIGHTS_FILE} "
-                         f"names a config with sha256 {str(bound)[:16]}..., this one has {config_digest(config)[:16]}...")
+                         f"names a config with sha256 {str(bound)[:16]}..., "
+                         f"this one has {config_digest(config)[:16]}...")
     _check_layers_against_header(header, config)
     return data
 

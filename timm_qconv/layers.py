@@ -79,7 +79,8 @@ class QuantMixin:
         """(Re)build the quantizer from the current weight, e.g. after loading pretrained float weights."""
         weight = self.weight.detach()
         if weight.numel() == 0:
-            raise ValueError(f"{self._get_name()}({self.extra_repr_float()}) has no weights (shape {tuple(weight.shape)}); "
+            raise ValueError(f"{self._get_name()}({self.extra_repr_float()}) has no weights "
+                             f"(shape {tuple(weight.shape)}); "
                              "expected at least one input and one output channel/feature")
         if not bool(torch.isfinite(weight).all()):
             raise ValueError(f"weight of {self._get_name()} {tuple(weight.shape)} has non-finite values; "

@@ -76,7 +76,8 @@ class TrainState:
                 raise ValueError(f"state.{name}={_short(value)} is not allowed; expected an integer >= 0")
         metrics = state["metrics"]
         if not isinstance(metrics, dict) or not all(
-                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in metrics.items()):
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                for k, v in metrics.items()):
             raise ValueError(f"state.metrics={_short(metrics)} is not allowed; expected an object of names to numbers")
         return state
 

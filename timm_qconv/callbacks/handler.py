@@ -17,8 +17,8 @@ flags and model), so a loop can fix the cause and call the event again.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import copy
+import dataclasses
 import json
 import os
 import warnings
@@ -336,7 +336,8 @@ class CallbackHandler:
         callbacks already restored get their previous state back.
         """
         mine = self._stateful()
-        if not isinstance(state, dict) or set(state) != {"state", "callbacks"} or not isinstance(state["callbacks"], dict):
+        if not isinstance(state, dict) or set(state) != {"state", "callbacks"} \
+                or not isinstance(state["callbacks"], dict):
             raise ValueError(f"callbacks' state={_short(state)} is not allowed; expected an object "
                              "{'state': {...}, 'callbacks': {...}} written by CallbackHandler.state_dict()")
         saved = state["callbacks"]

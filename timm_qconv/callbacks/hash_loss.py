@@ -311,13 +311,15 @@ class HashLossCallback(QuantCallback):
                              f"exactly the entries {list(keys)}")
         for key in ("levels_frozen", "model_frozen"):
             if not isinstance(state[key], bool):
-                raise ValueError(f"HashLossCallback state {key}={_short(state[key])} is not allowed; expected true or false")
+                raise ValueError(f"HashLossCallback state {key}={_short(state[key])} is not allowed; "
+                                 "expected true or false")
         saved, mine = state["settings"], self.options.quant_settings()
         if not isinstance(saved, dict):
             raise ValueError(f"HashLossCallback state settings={_short(saved)} is not allowed; expected an object")
         differ = [k for k in [*mine, *(k for k in saved if k not in mine)] if saved.get(k) != mine.get(k)]
         if differ:
-            detail = "; ".join(f"{k}={_short(saved.get(k))} in the checkpoint but {k}={mine.get(k)!r} here" for k in differ)
+            detail = "; ".join(f"{k}={_short(saved.get(k))} in the checkpoint but {k}={mine.get(k)!r} here"
+                               for k in differ)
             raise ValueError(f"checkpoint made with different quantization settings: {detail}. "
                              "Resume with the checkpoint's settings, or start a new run")
         return state
@@ -360,7 +362,8 @@ class _OptimizerProbe:
     @torch.no_grad()
     def verdict(self) -> list[str] | None:
         """Layers whose levels should have moved and did not; ``None`` when this step proves nothing."""
-        weights_moved = any(not torch.equal(layer.weight, before) for (_, layer), before in zip(self.layers, self.weights))
+        weights_moved = any(not torch.equal(layer.weight, before)
+                            for (_, layer), before in zip(self.layers, self.weights))
         if not weights_moved or not self.got_grad:
             return None
         return [name for name, layer in self.layers if name in self.got_grad and all(

@@ -14,7 +14,6 @@ from .._groups import SortedGroups
 from ..config import QuantConfig
 from .base import Quantizer
 
-
 SCALE_HEADROOM = 2.0**10
 """How far above a group's largest weight (when fitted) the scale may grow while training."""
 _LOG_TINY = float(torch.log(torch.tensor(torch.finfo(torch.float32).tiny)))
