@@ -192,7 +192,8 @@ def settings_of(cfg: Config, run: str) -> dict[str, Any]:
     """What a checkpoint of ``run`` must agree on to be resumed (QAT's options only for QAT runs)."""
     keys = ("model", "small_stem", "dataset", "train_subset", "crop", "batch_size", "seed")
     if run != "float":
-        keys += ("method", "n_functions", "layers", "skip_first_last", "qat_from_scratch", "hash_weight", "warmup_steps")
+        keys += ("method", "n_functions", "layers", "skip_first_last", "qat_from_scratch", "hash_weight",
+                 "warmup_steps")
     return {"run": run, **{k: getattr(cfg, k, None) for k in keys}}
 
 
