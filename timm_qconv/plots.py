@@ -55,9 +55,11 @@ def plot_accuracy_per_epoch(epochs: Iterable[Mapping[str, Any]], path: str | os.
     for name, points in runs.items():
         points.sort()
         ax.plot([e for e, _ in points], [a for _, a in points], marker="o", markersize=3, label=name)
-    for name, accuracy in (reference or {}).items():
-        ax.axhline(100 * accuracy, linestyle="--", linewidth=1, color="gray")
-        ax.annotate(name, (0, 100 * accuracy), textcoords="offset points", xytext=(2, 2), fontsize=8, color="gray")
+    lowest = min((a for points in runs.values() for _, a in points), default=0.0)
+    for i, (name, accuracy) in enumerate((reference or {}).items()):
+        shown = 100 * accuracy >= lowest - 5  # far below the curves it would squash them: say it in the legend
+        ax.axhline(100 * accuracy if shown else float("nan"), linestyle="--", linewidth=1, color=f"C{len(runs) + i}",
+                   label=f"{name} {100 * accuracy:.1f}%" + ("" if shown else " (below the chart)"))
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.grid(alpha=0.3)
