@@ -9,7 +9,9 @@ forward runs the ordinary ``conv2d``/``linear`` on a transformed weight, as timm
 * ``mode="float"``: the prototype's behaviour; training uses the float weight and the quantizer
   learns only through the hash loss (:meth:`QuantMixin.hash_loss`).
 
-In eval mode both modes use the quantized weight.
+In eval mode both modes use the quantized weight. Forwards that need no gradient (evaluation
+under ``torch.no_grad()``) reuse it until the weight or the quantizer changes (see
+:mod:`timm_qconv._weight_cache`), so they cost what the float layer costs.
 
 Two plain attributes let code outside the layer steer its next weight without the layer knowing
 who does it (the layer imports nothing from the model-level batched path):
@@ -32,6 +34,7 @@ from torch import Tensor, nn
 from ._errors import check_choice
 from ._kernels import use_backend
 from ._registry import config_owner, make_config
+from ._weight_cache import WeightCache
 from .config import QuantConfig
 from .methods.base import Quantizer
 
@@ -72,6 +75,7 @@ class QuantMixin:
         self.quant_config = make_config(method, n_bits=n_bits, n_functions=n_functions, **options)
         self.mode = check_choice("mode", mode, MODES)
         self.quantizer = None
+        self.weight_cache = WeightCache()
         if not self.weight.is_meta:
             self.reset_quantizer()
 
@@ -97,10 +101,18 @@ class QuantMixin:
             self.weight_override = None
             if self.training and override.is_current(self.weight):
                 return override.quantized
+        return self.weight_cache.get(self.weight, self.quantizer, self._compute_weight)
+
+    def _compute_weight(self) -> Tensor:
         if self.kernels is None or torch.compiler.is_compiling():  # traced code takes the eager formulation
             return self.quantizer(self.weight, ste=True)
         with use_backend(self.kernels):
             return self.quantizer(self.weight, ste=True)
+
+    def train(self, mode: bool = True) -> "QuantMixin":
+        # Also the way to drop a cached weight after an edit that version counters miss (``.data``).
+        self.weight_cache.clear()
+        return super().train(mode)
 
     def forward_weight(self) -> Tensor:
         """The weight this forward uses: float while training in ``"float"`` mode, else quantized."""
