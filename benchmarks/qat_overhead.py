@@ -1,15 +1,20 @@
-"""Training-step overhead of quantization-aware training on timm resnet34 (CPU).
+"""Training-step and evaluation overhead of quantization-aware training on timm resnet34 (CPU).
 
-Measures one step (forward, backward, SGD step) with every Conv2d quantized (hash, 2 bits, 32
-functions, "ste") against the same step in float, alternating the two in one process, and prints
-the ratio of the medians, for both kernel backends (eager, compiled; see timm_qconv/_kernels.py).
-Further rows add the hash loss to the task loss. Each variant is paired with float on its own, so
-that one variant's memory traffic does not slow another's steps. The "floor" rows replace the
-quantizer by a plain copy of each weight into a kept buffer: what any per-step weight transform
-costs at the least; "+ read back" adds one read of each weight and its gradient in the backward,
-the least that levels learning from the task loss cost on top.
+For every method and bit width asked, measures against the float model, alternating the two in one
+process (the machine's speed drifts; the ratio of each float/quantized pair cancels it):
 
-    python benchmarks/qat_overhead.py [--steps 30] [--batch 64] [--backends eager compiled]
+* "step": one training step (forward, backward, SGD step with momentum), every Conv2d quantized
+  (32 groups, ``"ste"``);
+* "+ hash loss": the same step with the hash loss added to the task loss;
+* "eval": a forward in ``eval()`` under ``torch.no_grad()`` (quantized weights cached).
+
+and prints one table of medians of the paired ratios. ``--floors`` adds two reference rows that
+replace the quantizer by a plain copy of each weight into a kept buffer: what any per-step weight
+transform costs at the least; "+ read back" adds one read of each weight and its gradient in the
+backward, the least that levels learning from the task loss cost on top.
+
+    python benchmarks/qat_overhead.py [--methods hash kmeans linear log] [--bits 2 4] [--steps 10]
+        [--batch 64] [--backends eager compiled] [--floors]
 """
 from __future__ import annotations
 
@@ -77,6 +82,7 @@ def make_step(model: nn.Module, with_hash_loss: bool = False):
     criterion = nn.CrossEntropyLoss()
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
+        model.train()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = criterion(model(x), y)
@@ -89,39 +95,64 @@ def make_step(model: nn.Module, with_hash_loss: bool = False):
     return step
 
 
+def make_eval(model: nn.Module):
+    def forward(x: torch.Tensor, y: torch.Tensor) -> float:
+        model.eval()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(x)
+        return time.perf_counter() - start
+
+    return forward
+
+
+def paired_ratio(float_step, step, x, y, steps: int) -> tuple[float, float, float]:
+    """Median of the paired ratios, median quantized time, median float time."""
+    for _ in range(2):  # warm-up (and compilation)
+        float_step(x, y)
+        step(x, y)
+    base_times, times = [], []
+    for _ in range(steps):
+        base_times.append(float_step(x, y))
+        times.append(step(x, y))
+    paired = statistics.median(t / b for t, b in zip(times, base_times))
+    return paired, statistics.median(times), statistics.median(base_times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--methods", nargs="+", default=["hash", "kmeans", "linear", "log"])
+    parser.add_argument("--bits", nargs="+", type=int, default=[2, 4])
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--backends", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--backends", nargs="+", default=["eager"], choices=["eager", "compiled"])
+    parser.add_argument("--floors", action="store_true", help="add the weight-copy floor rows")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     base = timm.create_model("resnet34", pretrained=False, num_classes=10)
-    quant = {backend: quantize_model(copy.deepcopy(base), method="hash", n_bits=2, n_functions=32, mode="ste",
-                                     kernels=backend) for backend in args.backends}
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
-    float_step = make_step(base)
-    variants = {"floor: weight copy": make_step(copy_model(base)),
-                "floor + read back": make_step(copy_model(base, read_back=True))}
-    variants.update({f"{label}, {backend}": make_step(quant[backend], with_loss)
-                     for backend in args.backends for label, with_loss in (("hash ste", False), ("+ hash loss", True))})
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}x3x32x32, "
-          f"{args.steps} alternating steps per pair (float, variant)")
-    for name, step in variants.items():
-        for _ in range(2):  # warm-up (and compilation)
-            float_step(x, y)
-            step(x, y)
-        base_times, times = [], []
-        for _ in range(args.steps):
-            base_times.append(float_step(x, y))
-            times.append(step(x, y))
-        ref, value = statistics.median(base_times), statistics.median(times)
-        # The machine's speed drifts over a run; the ratio of each float/variant pair cancels it.
-        paired = statistics.median(t / b for t, b in zip(times, base_times))
-        print(f"{name:>22}: median step {value * 1e3:7.1f} ms, float {ref * 1e3:7.1f} ms, "
-              f"ratio of medians {value / ref:.3f}, median of paired ratios {paired:.3f}")
+    float_step, float_eval = make_step(base), make_eval(base)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, resnet34, batch {args.batch}x3x32x32, "
+          f"{args.steps} alternating pairs (float, quantized) per cell; medians of paired ratios\n")
+    print("| variant | step | + hash loss | eval (no_grad) | float step | float eval |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    if args.floors:
+        for name, read_back in (("floor: weight copy", False), ("floor + read back", True)):
+            ratio, _, ref = paired_ratio(float_step, make_step(copy_model(base, read_back)), x, y, args.steps)
+            print(f"| {name} | {ratio:.3f} | | | {ref * 1e3:.0f} ms | |", flush=True)
+    for method in args.methods:
+        for bits in args.bits:
+            for backend in args.backends:
+                quant = quantize_model(copy.deepcopy(base), method=method, n_bits=bits, n_functions=32, mode="ste",
+                                       kernels=backend)
+                plain, _, ref = paired_ratio(float_step, make_step(quant, False), x, y, args.steps)
+                with_loss, _, _ = paired_ratio(float_step, make_step(quant, True), x, y, args.steps)
+                evaluation, _, ref_eval = paired_ratio(float_eval, make_eval(quant), x, y, args.steps)
+                print(f"| {method} {bits} bits, {backend} | {plain:.3f} | {with_loss:.3f} | {evaluation:.3f} | "
+                      f"{ref * 1e3:.0f} ms | {ref_eval * 1e3:.0f} ms |", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import timm_qconv
-from timm_qconv import QuantConv2d, QuantLinear, hash_loss, quantize_model, set_kernel_backend
+from timm_qconv import QuantConv2d, QuantLinear, get_method, hash_loss, list_methods, quantize_model, set_kernel_backend
 from timm_qconv._batched import BatchedPath, batched_path
 from timm_qconv._kernels import compiler_works, get_backend, set_backend
 from timm_qconv.layers import WeightOverride
@@ -293,3 +293,34 @@ def test_converted_model_traces_into_one_graph(kernels):
     model = quantize_model(model_with_lazy_head()[:3], n_bits=2, n_functions=2, kernels=kernels)
     explained = torch._dynamo.explain(model)(torch.randn(2, 3, 6, 6))
     assert explained.graph_break_count == 0, f"{kernels}: torch.compile breaks the graph: {explained.break_reasons}"
+
+
+def reference_hash_loss(layer) -> torch.Tensor:
+    return (layer.quantizer(layer.weight).float() - layer.weight.detach().float()).pow(2).mean()
+
+
+@pytest.mark.parametrize("method", [m for m in list_methods() if get_method(m).nearest])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hash_loss_from_the_forward_codes_equals_the_reference(method, dtype):
+    layer = QuantConv2d(4, 8, 3, method=method, n_bits=3, n_functions=2).to(dtype).train()
+    out = layer(torch.randn(2, 4, 6, 6, dtype=dtype))
+    assert layer.quantizer.squared_error_of_last_forward(layer.weight) is not None, f"{method}: forward codes not kept"
+    params = [p for p in layer.quantizer.parameters()]
+    fast = layer.hash_loss()
+    fast_grads = torch.autograd.grad(fast, params, retain_graph=True)
+    slow = reference_hash_loss(layer)
+    slow_grads = torch.autograd.grad(slow, params)
+    assert torch.allclose(fast, slow, rtol=1e-5, atol=0), f"{method} {dtype}: loss {fast} != reference {slow}"
+    for a, b in zip(fast_grads, slow_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), f"{method} {dtype}: level gradients differ"
+    out.sum().backward()
+    assert layer.quantizer.squared_error_of_last_forward(layer.weight) is None, "codes reused after the backward freed them"
+
+
+def test_hash_loss_is_recomputed_once_the_weight_changed_after_the_forward():
+    layer = QuantConv2d(4, 8, 3, n_bits=2, n_functions=2).train()
+    layer(torch.randn(2, 4, 6, 6))
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+    assert layer.quantizer.squared_error_of_last_forward(layer.weight) is None, "stale codes reused after a weight edit"
+    assert torch.allclose(layer.hash_loss(), reference_hash_loss(layer)), "hash loss after the edit differs"

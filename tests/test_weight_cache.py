@@ -125,6 +125,14 @@ def test_eval_with_grad_computes_a_differentiable_weight():
     assert first_param(layer).grad is not None, "eval with grad enabled gave the levels no gradient"
 
 
+def test_eval_called_again_keeps_the_cache():
+    layer = layer_of("hash")
+    with torch.no_grad():
+        before = layer.quantized_weight()
+        layer.eval()
+        assert layer.quantized_weight() is before, "eval() on an eval layer dropped the cached weight"
+
+
 def test_edits_through_data_are_dropped_by_a_mode_switch():
     layer = layer_of("hash")
     with torch.no_grad():

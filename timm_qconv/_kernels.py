@@ -144,18 +144,21 @@ def _use_compiled(table: Tensor) -> bool:
 
 class _NearestLookup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, table: Tensor, rows: Tensor, ste: bool) -> Tensor:
+    def forward(ctx: Any, table: Tensor, rows: Tensor, ste: bool) -> tuple[Tensor, Tensor]:
         ctx.ste = ste
         ctx.compiled = _use_compiled(table)
         if ctx.compiled:
             ctx.save_for_backward(table, rows)
-            return _compiled(table.shape[1])[0](rows, table)
+            codes = rows.new_empty(0, dtype=torch.long)
+            ctx.mark_non_differentiable(codes)
+            return _compiled(table.shape[1])[0](rows, table), codes
         codes = nearest_codes(table, rows)
         ctx.save_for_backward(table, codes)
-        return table.gather(1, codes)
+        ctx.mark_non_differentiable(codes)  # also returned: the hash loss can reuse them (hash_loss_from_codes)
+        return table.gather(1, codes), codes
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    def backward(ctx: Any, grad: Tensor, grad_codes: None) -> tuple[Tensor | None, Tensor | None, None]:
         grad_table = None
         if ctx.needs_input_grad[0]:
             table, saved = ctx.saved_tensors
@@ -206,9 +209,45 @@ def nearest_lookup(table: Tensor, rows: Tensor, ste: bool = False) -> Tensor:
     Differentiable in ``table``; with ``ste=True`` the gradient also reaches ``rows`` straight
     through the rounding. Ties go to the lower level, as ``torch.searchsorted``.
     """
+    return nearest_lookup_codes(table, rows, ste)[0]
+
+
+def nearest_lookup_codes(table: Tensor, rows: Tensor, ste: bool = False) -> tuple[Tensor, Tensor | None]:
+    """:func:`nearest_lookup` and the codes it found (``None`` where the compiled kernel found none)."""
     rows = (rows if ste else rows.detach()).contiguous()
     table = table.contiguous()
     needs_grad = torch.is_grad_enabled() and (table.requires_grad or (ste and rows.requires_grad))
     if not needs_grad and not _use_compiled(table):
-        return table.gather(1, nearest_codes(table, rows))
-    return _NearestLookup.apply(table, rows, ste)
+        codes = nearest_codes(table, rows)
+        return table.gather(1, codes), codes
+    q, codes = _NearestLookup.apply(table, rows, ste)
+    return q, (codes if codes.numel() else None)
+
+
+class _SquaredErrorFromCodes(torch.autograd.Function):
+    """``sum((q - rows)**2) * scale`` where ``q = table.gather(1, codes)`` was already computed.
+
+    The gradient reaches only ``table``: level ``(c, l)`` gets ``2 * scale`` times the summed error
+    of the weights with code ``l`` in row ``c`` (the gradient of the hash loss with weights detached).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, table: Tensor, q: Tensor, rows: Tensor, codes: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        ctx.save_for_backward(q, rows, codes)
+        ctx.table_shape, ctx.table_dtype = table.shape, table.dtype
+        error = (q.float() - rows.float()).flatten()
+        return torch.dot(error, error) * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        q, rows, codes = ctx.saved_tensors
+        error = q.float() - rows.float()
+        grad_table = error.new_zeros(ctx.table_shape).scatter_add_(1, codes, error)
+        return grad_table.mul_(grad * (2 * ctx.scale)).to(ctx.table_dtype), None, None, None, None
+
+
+def squared_error_from_codes(table: Tensor, q: Tensor, rows: Tensor, codes: Tensor, scale: float) -> Tensor:
+    """``((table.gather(1, codes) - rows)**2).sum() * scale`` from an existing ``q``: one pass over
+    the weights forward and one backward, with no nearest-level search (it reuses ``codes``)."""
+    return _SquaredErrorFromCodes.apply(table, q.reshape(rows.shape), rows.detach(), codes, scale)

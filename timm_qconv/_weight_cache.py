@@ -16,8 +16,8 @@ It is used only where no autograd graph is needed (grad disabled, or nothing req
 training step never sees it; the first forward that needs a graph drops it, freeing its memory.
 
 One change escapes version counters: an in-place edit through ``.data`` (``w.data.mul_(2)``).
-Leaving and re-entering eval mode (``model.train(); model.eval()``, which every train/validate
-loop does) clears the cache, as does :meth:`WeightCache.clear`.
+Switching to training mode (``model.train()``, which every train/validate loop does before
+training again) clears the cache, as does :meth:`WeightCache.clear`.
 """
 from __future__ import annotations
 

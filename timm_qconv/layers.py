@@ -110,8 +110,10 @@ class QuantMixin:
             return self.quantizer(self.weight, ste=True)
 
     def train(self, mode: bool = True) -> "QuantMixin":
-        # Also the way to drop a cached weight after an edit that version counters miss (``.data``).
-        self.weight_cache.clear()
+        # Training frees the cached weight; ``train()`` then ``eval()`` is also the way to drop it
+        # after an edit that version counters miss (``.data``). ``eval()`` on an eval model keeps it.
+        if mode:
+            self.weight_cache.clear()
         return super().train(mode)
 
     def forward_weight(self) -> Tensor:
@@ -126,6 +128,10 @@ class QuantMixin:
         Differentiable in the quantizer's parameters; with ``wrt_weights=True`` also in the weight,
         pulling each weight towards its level.
         """
+        if not wrt_weights:  # from the codes this step's forward found, if it is still alive
+            reused = self.quantizer.squared_error_of_last_forward(self.weight)
+            if reused is not None:
+                return reused / self.weight.numel()
         weight = self.weight if wrt_weights else self.weight.detach()
         return (self.quantizer(self.weight).float() - weight.float()).pow(2).mean()
 

@@ -16,13 +16,14 @@ Contract used by the layers, the post-training fit and export:
 """
 from __future__ import annotations
 
-from typing import ClassVar
+import weakref
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .._groups import SortedGroups, as_rows, group_index
-from .._kernels import nearest_codes, nearest_lookup, scale_grad, straight_through
+from .._kernels import nearest_codes, nearest_lookup, nearest_lookup_codes, scale_grad, squared_error_from_codes, straight_through
 from ..config import QuantConfig
 
 
@@ -50,6 +51,7 @@ class Quantizer(nn.Module):
         self.n_groups = min(config.n_functions, n_channels)
         # Derivable from the shape, so not saved in the state dict.
         self.register_buffer("group_index", group_index(n_channels, self.n_groups, weight.device), persistent=False)
+        self.last_lookup = LastLookup()
 
     def weight_stats(self, weight: Tensor, stats: SortedGroups | None) -> SortedGroups:
         """``stats`` if given, else the weight sorted per group (for initialising from the weights)."""
@@ -99,11 +101,21 @@ class Quantizer(nn.Module):
         if not ste:
             q = self.quantize_rows(rows)
         elif self.nearest:  # one fused op, no copy of the gradient
-            table = scale_grad(self.levels()[self.group_index], self.grad_scale(rows))
-            q = nearest_lookup(table, rows, ste=True)
+            levels = self.levels()[self.group_index]
+            q, codes = nearest_lookup_codes(scale_grad(levels, self.grad_scale(rows)), rows, ste=True)
+            out = q.view(weight.shape).to(weight.dtype)
+            if codes is not None and out.requires_grad:
+                self.last_lookup.keep(self, weight, levels, codes, out)
+            return out
         else:
             q = straight_through(scale_grad(self.quantize_rows(rows.detach()), self.grad_scale(rows)), rows)
         return q.view(weight.shape).to(weight.dtype)
+
+    def squared_error_of_last_forward(self, weight: Tensor) -> Tensor | None:
+        """``sum((q - weight)**2)`` of this step's training forward, from the codes it found:
+        differentiable in the levels only, as the hash loss with weights detached. ``None`` when no
+        such forward is alive (its backward ran, or the weight or the levels changed since)."""
+        return self.last_lookup.squared_error(self, weight)
 
     def grad_scale(self, rows: Tensor) -> float:
         """Factor on the task loss's gradient to the quantizer: ``1 / sqrt(weights per group)``.
@@ -142,3 +154,43 @@ class Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n_bits={self.config.n_bits}, groups={self.n_groups}"
+
+
+class LastLookup:
+    """What a quantizer's last training forward computed, for the hash loss to reuse.
+
+    The codes and the quantized weight are held weakly: autograd keeps them alive until that
+    forward's backward, and they are used only while the weight and the quantizer's parameters
+    keep the versions they had then. Copies and pickles of a quantizer start without it.
+    """
+
+    __slots__ = ("levels", "codes", "out", "weight", "versions")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.levels = self.codes = self.out = self.weight = self.versions = None
+
+    @staticmethod
+    def _versions(quantizer: nn.Module, weight: Tensor) -> tuple[int, ...]:
+        return (weight._version, *(p._version for p in quantizer.parameters()))
+
+    def keep(self, quantizer: nn.Module, weight: Tensor, levels: Tensor, codes: Tensor, out: Tensor) -> None:
+        self.levels, self.weight = levels, weight
+        self.codes, self.out = weakref.ref(codes), weakref.ref(out)
+        self.versions = self._versions(quantizer, weight)
+
+    def squared_error(self, quantizer: nn.Module, weight: Tensor) -> Tensor | None:
+        if self.levels is None or self.weight is not weight or self.versions != self._versions(quantizer, weight):
+            return None
+        codes, out = self.codes(), self.out()
+        if codes is None or out is None or not torch.is_grad_enabled():
+            return None
+        return squared_error_from_codes(self.levels, out, weight.reshape(codes.shape), codes, 1.0)
+
+    def __getstate__(self) -> Any:
+        return (None,)  # weak references do not pickle; a copy recomputes
+
+    def __setstate__(self, state: Any) -> None:
+        self.clear()
