@@ -7,7 +7,8 @@ the incoming gradient over the weights that took each level; the weights get no 
 
 Backends:
 
-* ``"eager"`` (default): ``torch.searchsorted`` + ``gather``, codes saved for the backward.
+* ``"eager"`` (default): ``torch.searchsorted`` + ``gather``, codes saved for the backward (one
+  byte each) and reused by the hash loss.
 * ``"compiled"``: the same maths through ``torch.compile``, fused into one pass over the weights
   forward and one backward, with nothing saved. On a CPU, where QAT of a small-input model is
   bound by passes over the weights, this is what brings the overhead near the cost of a copy of
@@ -153,9 +154,12 @@ class _NearestLookup(torch.autograd.Function):
             ctx.mark_non_differentiable(codes)
             return _compiled(table.shape[1])[0](rows, table), codes
         codes = nearest_codes(table, rows)
+        q = table.gather(1, codes)
+        if table.shape[1] <= 256:  # one byte per weight kept until the backward, not eight
+            codes = codes.to(torch.uint8)
         ctx.save_for_backward(table, codes)
-        ctx.mark_non_differentiable(codes)  # also returned: the hash loss can reuse them (hash_loss_from_codes)
-        return table.gather(1, codes), codes
+        ctx.mark_non_differentiable(codes)  # also returned: the hash loss can reuse them (squared_error_from_codes)
+        return q, codes
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, grad_codes: None) -> tuple[Tensor | None, Tensor | None, None]:
@@ -166,7 +170,7 @@ class _NearestLookup(torch.autograd.Function):
             if ctx.compiled:
                 grad_table = _compiled(table.shape[1])[1](saved, table, grad)
             else:
-                grad_table = torch.zeros_like(table).scatter_add_(1, saved, grad)
+                grad_table = torch.zeros_like(table).scatter_add_(1, saved.long(), grad)
         # Straight through: the incoming gradient itself, not a copy, so that autograd can move it
         # into the weight's .grad without cloning.
         return grad_table, (grad if ctx.ste else None), None
@@ -243,7 +247,7 @@ class _SquaredErrorFromCodes(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         q, rows, codes = ctx.saved_tensors
         error = q.float() - rows.float()
-        grad_table = error.new_zeros(ctx.table_shape).scatter_add_(1, codes, error)
+        grad_table = error.new_zeros(ctx.table_shape).scatter_add_(1, codes.long(), error)
         return grad_table.mul_(grad * (2 * ctx.scale)).to(ctx.table_dtype), None, None, None, None
 
 
