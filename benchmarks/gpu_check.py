@@ -114,7 +114,8 @@ def ptq_row(model_name: str) -> list[str]:
         BitQuantizer(model, 32, 4, device="cuda").train_hash_functions(50)
 
     _timed(baseline), _timed(fit)  # warm-up
-    base, fitted = statistics.median(_timed(baseline) for _ in range(3)), statistics.median(_timed(fit) for _ in range(3))
+    base = statistics.median(_timed(baseline) for _ in range(3))
+    fitted = statistics.median(_timed(fit) for _ in range(3))
     return [f"{model_name} BitQuantizer 4 bits", "fit / (sort + bucketize)",
             f"{fitted / base:.2f} ({fitted:.2f} s / {base:.2f} s)"]
 
@@ -159,7 +160,8 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()} x {torch.cuda.device_count()}, "
           f"{args.steps} paired steps per ratio\n")
-    rows = [*qat_rows("resnet34", 32, 128, args.bits, args.steps), *qat_rows("resnet50", 224, 128, args.bits, args.steps),
+    rows = [*qat_rows("resnet34", 32, 128, args.bits, args.steps),
+            *qat_rows("resnet50", 224, 128, args.bits, args.steps),
             ptq_row("resnet50"), ptq_row("vit_large_patch16_224")]
     with tempfile.TemporaryDirectory() as folder:
         rows.append(recipe_row(Path(folder)))

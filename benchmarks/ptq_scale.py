@@ -43,8 +43,8 @@ def _reset_peak() -> int:
 def child_fit(model_name: str, n_bits: int) -> dict:
     import timm
     import torch
-
     from ptq_speed import baseline_seconds, weights
+
     from timm_qconv import BitQuantizer, load_quantized, save_quantized
 
     torch.manual_seed(0)
@@ -103,7 +103,8 @@ def main() -> None:
         return
 
     if args.models:
-        print("| model | weights | fit | sort + bucketize | ratio | largest layer | beyond the model: fit | save | load |")
+        print("| model | weights | fit | sort + bucketize | ratio | largest layer "
+              "| beyond the model: fit | save | load |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in args.models:
         r = run_child(["--child", name, "--bits", str(args.bits)])

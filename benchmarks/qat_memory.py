@@ -75,13 +75,14 @@ def main() -> None:
         return int(peak), int(model)
 
     float_peak, float_model = run("float", 0)
-    print(f"| variant | peak RSS in the steps | ratio to float | parameters and buffers |")
-    print(f"| --- | ---: | ---: | ---: |")
+    print("| variant | peak RSS in the steps | ratio to float | parameters and buffers |")
+    print("| --- | ---: | ---: | ---: |")
     print(f"| float | {float_peak / 1024:.0f} MiB | 1.000 | {float_model / 1024:.0f} MiB |")
     for method in args.methods:
         for bits in args.bits:
             peak, model = run(method, bits)
-            print(f"| {method} {bits} bits + hash loss | {peak / 1024:.0f} MiB | {peak / float_peak:.3f} | {model / 1024:.0f} MiB |")
+            print(f"| {method} {bits} bits + hash loss | {peak / 1024:.0f} MiB | {peak / float_peak:.3f} "
+                  f"| {model / 1024:.0f} MiB |")
 
 
 if __name__ == "__main__":

@@ -314,7 +314,7 @@ def test_hash_loss_from_the_forward_codes_equals_the_reference(method, dtype):
     for a, b in zip(fast_grads, slow_grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), f"{method} {dtype}: level gradients differ"
     out.sum().backward()
-    assert layer.quantizer.squared_error_of_last_forward(layer.weight) is None, "codes reused after the backward freed them"
+    assert layer.quantizer.squared_error_of_last_forward(layer.weight) is None, "codes reused after the backward"
 
 
 def test_hash_loss_is_recomputed_once_the_weight_changed_after_the_forward():

@@ -88,7 +88,7 @@ def test_every_change_invalidates_the_cached_weight(method, change):
         after = layer.quantized_weight()
     expected = fresh(layer)
     assert after is not before, f"{method}: the cached weight survived {change}"
-    assert after.dtype == layer.weight.dtype, f"{method}: dtype {after.dtype} after {change}, weight is {layer.weight.dtype}"
+    assert after.dtype == layer.weight.dtype, f"{method}: {after.dtype} after {change}, weight {layer.weight.dtype}"
     assert torch.equal(after, expected), f"{method}: the weight after {change} differs from a fresh computation"
 
 
@@ -162,14 +162,16 @@ def test_copies_and_pickles_do_not_carry_the_cache():
     torch.save(model, buffer)
     buffer.seek(0)
     for name, other in (("deepcopy", copy.deepcopy(model)), ("pickle", torch.load(buffer, weights_only=False))):
-        assert all(m.weight_cache.value is None for m in other if isinstance(m, QuantConv2d)), f"{name} copied the cache"
+        layers = [m for m in other if isinstance(m, QuantConv2d)]
+        assert all(m.weight_cache.value is None for m in layers), f"{name} copied the cache"
         with torch.no_grad():
             assert torch.equal(other(torch.ones(1, 3, 8, 8)), model(torch.ones(1, 3, 8, 8))), f"{name}: outputs differ"
 
 
 def test_cached_model_output_equals_an_uncached_one():
     torch.manual_seed(0)
-    model = quantize_model(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)), n_bits=3, n_functions=4).eval()
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    model = quantize_model(model, n_bits=3, n_functions=4).eval()
     x = torch.randn(2, 3, 10, 10)
     with torch.no_grad():
         first, second = model(x), model(x)

@@ -23,7 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from .._groups import SortedGroups, as_rows, group_index
-from .._kernels import nearest_codes, nearest_lookup, nearest_lookup_codes, scale_grad, squared_error_from_codes, straight_through
+from .._kernels import (
+    nearest_codes,
+    nearest_lookup,
+    nearest_lookup_codes,
+    scale_grad,
+    squared_error_from_codes,
+    straight_through,
+)
 from ..config import QuantConfig
 
 
