@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from timm_qconv import quantized_layers
 from timm_qconv.callbacks import CallbackHandler, HashLossCallback
 from timm_qconv.callbacks.handler import STATE_FILE
 
-from conftest import batch
+from conftest import batch, run_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,7 +94,7 @@ def test_two_processes_keep_identical_levels_and_resume_exactly(tmp_path):
            "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", port, str(ROOT / "tests" / "ddp_qat_script.py"),
            str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    proc = run_distributed(cmd, env=env, cwd=ROOT, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world_size"] == 2 and result["backend"] == "gloo", result

@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import pickle
+import socket
 import struct
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from timm_qconv.datasets import DatasetInfo, ImageTensors, load_dataset, read_cifar_batch
+
+from conftest import run_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -65,11 +68,17 @@ def cifar_dir(tmp_path_factory) -> Path:
 def run(script: str, *args: str, processes: int = 1, expect_ok: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TIMM_QCONV_PLUGINS": ""}
     env.pop("TIMM_QCONV_DATA", None)
-    launch = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if processes > 1
-              else [sys.executable])
-    proc = subprocess.run([*launch, str(RECIPES / script), *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    if processes == 1:
+        proc = subprocess.run([sys.executable, str(RECIPES / script), *args], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=600)
+    else:
+        with socket.socket() as s:  # a free port: other test runs may share the machine
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        proc = run_distributed([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                                str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
+                                "no", "--main_process_port", port, str(RECIPES / script), *args],
+                               env=env, cwd=ROOT, timeout=600)
     if expect_ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
