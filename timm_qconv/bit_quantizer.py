@@ -92,6 +92,8 @@ class BitQuantizer:
         self.verbose = bool(verbose)
         self.quantizers: dict[str, Quantizer] = {}
         self.codes: dict[str, Tensor] = {}  # uint8 (C, K) code of every weight, after fitting
+        #: state-dict tensors other than the quantized weights that calibration changed (biases, BatchNorm statistics)
+        self.overrides: dict[str, Tensor] = {}
         self._report: QuantReport | None = None
 
     def _rows(self, module: nn.Module) -> Tensor:
@@ -124,6 +126,31 @@ class BitQuantizer:
             reports.append(LayerReport(name, tuple(module.weight.shape), config.n_bits, quantizer.n_groups,
                                        float((q.double() - exact).pow(2).sum()), float(exact.pow(2).sum())))
         self.quantizers, self.codes, self._report = quantizers, codes, QuantReport(reports)
+        self.overrides = {}
+        call_hook("after_bit_quantizer", quantizer=self, report=self._report)
+        return self
+
+    def calibrate(self, loader: Iterable, n_samples: int = 512, **options: Any) -> "BitQuantizer":
+        """Refine the fitted layers with calibration inputs, to minimise each layer's output error.
+
+        Layer by layer, on the inputs of the already quantized earlier layers: GPTQ-style assignment
+        of the weights to the group's levels, least-squares refit of the levels within the method's
+        family, bias correction, then BatchNorm re-estimation (:mod:`timm_qconv.calibrate`).
+        The model is not modified; on any error this quantizer is left as it was.
+
+        Args:
+            loader: an iterable of batches: a tensor, or a tuple/list whose first item is the input
+                (a ``DataLoader`` of ``(images, labels)`` works as it is). Labels are not used.
+            n_samples: how many inputs to use, >= 1 (the first ones).
+            **options: fields of :class:`~timm_qconv.calibrate.CalibrationConfig` (``rounds``,
+                ``bias_correction``, ``bn_reestimate``...).
+        """
+        from .calibrate import CalibrationConfig, calibrate
+
+        self._require_fit()
+        config = CalibrationConfig(n_samples=n_samples, **options)
+        quantizers, codes, overrides, report = calibrate(self, loader, config)
+        self.quantizers, self.codes, self.overrides, self._report = quantizers, codes, overrides, report
         call_hook("after_bit_quantizer", quantizer=self, report=self._report)
         return self
 
@@ -146,6 +173,9 @@ class BitQuantizer:
         modules = dict(hashed.named_modules())
         for name in self.layer_names:
             modules[name].weight.data = self.quantized_weight(name)
+        tensors = dict(hashed.named_parameters()) | dict(hashed.named_buffers())
+        for key, value in self.overrides.items():
+            tensors[key].data = value.to(tensors[key].device, tensors[key].dtype).clone()
         return hashed
 
     def report(self) -> QuantReport:

@@ -159,6 +159,24 @@ class Quantizer(nn.Module):
                 loss.backward()
             optimizer.step()
 
+    # ----------------------------------------------------------------- calibration with data
+    def level_design(self) -> Tensor | None:
+        """``(G, L, P)`` float32 matrix ``D`` with ``levels()[g] == D[g] @ params[g]``, in code order.
+
+        Calibration (:mod:`timm_qconv.calibrate`) refits the ``P`` parameters of each group by least
+        squares on the layer's output error, which keeps the levels in the method's family. ``None``
+        (the default) means the levels are not linear in the parameters: calibration then keeps the
+        levels and only re-assigns the codes.
+        """
+        return None
+
+    def set_level_params_(self, params: Tensor) -> Tensor:
+        """Write the parameters ``(G, P)`` solved for :meth:`level_design`'s ``D`` (in place).
+
+        Returns ``(G, L)`` int64: the new code of each old code (levels may change order).
+        """
+        raise NotImplementedError(f"method {self.name!r} has no level_design")
+
     def extra_repr(self) -> str:
         return f"n_bits={self.config.n_bits}, groups={self.n_groups}"
 

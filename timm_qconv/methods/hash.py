@@ -168,3 +168,17 @@ class HashQuantizer(Quantizer):
     @torch.no_grad()
     def fit_(self, stats: SortedGroups, n_iter: int, rows: Tensor | None = None) -> None:
         self.basis.copy_(fit_basis(stats, self.config.n_bits, n_iter))
+
+    def _order(self) -> Tensor:
+        """Sign pattern of each sorted level, ``(G, L)``."""
+        return torch.sort(self.basis.detach() @ self.signs.T, dim=1).indices
+
+    def level_design(self) -> Tensor:
+        return self.signs[self._order()]  # sorted level l of group g is signs[pattern] @ basis[g]
+
+    @torch.no_grad()
+    def set_level_params_(self, params: Tensor) -> Tensor:
+        old = self._order()
+        self.basis.copy_(params)
+        rank = torch.argsort(self._order(), dim=1)  # new sorted position of every pattern
+        return rank.gather(1, old)

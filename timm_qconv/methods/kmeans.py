@@ -134,3 +134,13 @@ class KMeansQuantizer(Quantizer):
             better = stats.nearest_error(other) < stats.nearest_error(levels)
             levels = torch.where(better[:, None], other, levels)
         self.table.copy_(refine_small_groups(stats, levels))
+
+    def level_design(self) -> Tensor:
+        eye = torch.eye(self.table.shape[1], device=self.table.device)
+        return eye.expand(self.n_groups, -1, -1)
+
+    @torch.no_grad()
+    def set_level_params_(self, params: Tensor) -> Tensor:
+        values, order = torch.sort(params.float(), dim=1)
+        self.table.copy_(values)
+        return torch.argsort(order, dim=1)

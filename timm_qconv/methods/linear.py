@@ -72,3 +72,13 @@ class LinearQuantizer(Quantizer):
         bounds = torch.cat([self.low[:, None], edges, self.high[:, None]], 1)
         centres = (bounds[:, 1:] + bounds[:, :-1]) * 0.5
         self.values.copy_(torch.where(n > 0, s1 / n.clamp_min(1), centres.double()).float())
+
+    def level_design(self) -> Tensor:
+        eye = torch.eye(self.values.shape[1], device=self.values.device)
+        return eye.expand(self.n_groups, -1, -1)
+
+    @torch.no_grad()
+    def set_level_params_(self, params: Tensor) -> Tensor:
+        """New bucket values; the thresholds stay (they decide codes only when re-encoding)."""
+        self.values.copy_(params)
+        return torch.arange(params.shape[1], device=params.device).expand_as(params).clone()

@@ -88,3 +88,15 @@ class PolyQuantizer(Quantizer):
         self.values.copy_(values)
         self.scale.copy_(scale)
         self.coef.copy_(torch.stack([torch.zeros_like(v), 2 * v, -v * v], -1))
+
+    def level_design(self) -> Tensor:
+        eye = torch.eye(self.values.shape[1], device=self.values.device)
+        return eye.expand(self.n_groups, -1, -1)
+
+    @torch.no_grad()
+    def set_level_params_(self, params: Tensor) -> Tensor:
+        """New bucket values, and polynomials reset to nearest-bucket scores for them."""
+        self.values.copy_(params)
+        v = params.float() / self.scale[:, None]
+        self.coef.copy_(torch.stack([torch.zeros_like(v), 2 * v, -v * v], -1))
+        return torch.arange(params.shape[1], device=params.device).expand_as(params).clone()

@@ -76,3 +76,13 @@ class ScaledShapeQuantizer(Quantizer):
     def fit_(self, stats: SortedGroups, n_iter: int, rows: Tensor | None = None) -> None:
         self.log_scale_max.copy_(scale_bound(stats))
         self.log_scale.copy_(fit_scale(stats, self.shape, n_iter).log())
+
+    def level_design(self) -> Tensor:
+        return self.shape[None, :, None].expand(self.n_groups, -1, 1)
+
+    @torch.no_grad()
+    def set_level_params_(self, params: Tensor) -> Tensor:
+        """New scales; a group whose solution is not positive keeps its scale (the shape's order needs s > 0)."""
+        scale = params[:, 0].float()
+        self.log_scale.copy_(torch.where(scale > 0, scale.clamp_min(1e-30).log(), self.log_scale))
+        return torch.arange(self.shape.numel(), device=params.device).expand(params.shape[0], -1).clone()

@@ -1,0 +1,248 @@
+"""One layer's output-aware quantization: input statistics, GPTQ assignment, least-squares level refit.
+
+A layer's output on input columns ``x`` is ``W x`` (im2col columns for a conv). Replacing ``W`` by
+``Q`` costs ``sum_x |(W - Q) x|^2 = tr((W - Q) H (W - Q)^T)`` with ``H = sum_x x x^T``, so ``H``
+(``K x K``, one per conv group) is all the data a layer needs; :class:`InputStats` accumulates it.
+
+* :func:`gptq_codes` assigns every weight to one of its group's levels column by column, spreading
+  each column's rounding error over the columns not yet quantized through ``H^-1`` (the Optimal
+  Brain Quantizer update of Frantar & Alistarh, 2022, in the blocked Cholesky form of GPTQ,
+  Frantar et al., ICLR 2023), instead of rounding each weight to its nearest level.
+* :func:`refit_levels` then solves, for fixed codes, the least-squares problem for the levels in
+  the method's own family (``Quantizer.level_design``): the output error is quadratic in the
+  levels, and the levels are linear in the method's parameters (a basis for ``hash``, free values
+  for ``kmeans``, a scale for ``log``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._groups import as_rows, midpoints
+from .methods.base import Quantizer
+
+
+class InputStats:
+    """Second moments of one layer's input columns ``x`` (quantized model) and ``f`` (float model).
+
+    ``H = sum x x^T`` and ``C = sum f x^T``, ``(B, K, K)``; the means of both, ``(B, K)``; and
+    ``sum |W f|^2`` for the float weight ``W``. ``B`` is the layer's number of conv groups (1 for
+    Linear), ``K`` the inputs of one output. Without float inputs ``f = x``. Accumulated in float64
+    from float32 products, one batch at a time.
+    """
+
+    def __init__(self, layer: nn.Module, rows: Tensor) -> None:
+        self.layer = layer
+        self.n_blocks = layer.groups if isinstance(layer, nn.Conv2d) else 1
+        self.w = blocks(rows, self.n_blocks)
+        k, device = rows.shape[1], rows.device
+        self.h = torch.zeros(self.n_blocks, k, k, dtype=torch.float64, device=device)
+        self.cross: Tensor | None = None
+        self.sum = torch.zeros(self.n_blocks, k, dtype=torch.float64, device=device)
+        self.sum_float = torch.zeros_like(self.sum)
+        self.ref = 0.0
+        self.count = 0
+        #: moments about the means: the error left once a bias absorbs the mean shift (bias correction)
+        self.centered = False
+
+    def columns(self, x: Tensor) -> Tensor:
+        """The layer's input as ``(B, K, n)`` columns, float32."""
+        layer = self.layer
+        x = x.float()
+        if isinstance(layer, nn.Conv2d):
+            if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+                mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+                x = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
+                padding = 0
+            else:
+                padding = layer.padding
+            cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
+            n, bk, p = cols.shape
+            return cols.view(n, self.n_blocks, bk // self.n_blocks, p).permute(1, 2, 0, 3).reshape(self.n_blocks, bk // self.n_blocks, n * p)
+        return x.reshape(-1, x.shape[-1]).T[None]
+
+    def add(self, x: Tensor, x_float: Tensor | None = None) -> None:
+        """Add a batch of inputs ``x`` and, if given, the float model's inputs for the same samples."""
+        cols = self.columns(x.to(self.h.device))
+        self.h += torch.bmm(cols, cols.transpose(1, 2)).double()
+        self.sum += cols.sum(2).double()
+        self.count += cols.shape[2]
+        fcols = cols if x_float is None else self.columns(x_float.to(self.h.device))
+        if x_float is not None:
+            cross = torch.bmm(fcols, cols.transpose(1, 2)).double()
+            self.cross = cross if self.cross is None else self.cross + cross
+        self.sum_float += fcols.sum(2).double()
+        self.ref += float(torch.bmm(self.w, fcols).double().pow(2).sum())
+
+    def mean(self) -> Tensor:
+        return (self.sum / max(self.count, 1)).float()
+
+    def mean_float(self) -> Tensor:
+        return (self.sum_float / max(self.count, 1)).float()
+
+    def _h(self) -> Tensor:
+        h = self.h / max(self.count, 1)
+        if self.centered:
+            mean = self.sum / max(self.count, 1)
+            h = h - mean[:, :, None] * mean[:, None, :]
+        return h
+
+    def _cross(self) -> Tensor:
+        if self.cross is None:
+            return self._h()
+        cross = self.cross / max(self.count, 1)
+        if self.centered:
+            cross = cross - (self.sum_float / max(self.count, 1))[:, :, None] * (self.sum / max(self.count, 1))[:, None, :]
+        return cross
+
+    def gram(self) -> Tensor:
+        """``H`` per column (about the mean if ``centered``), float32 ``(B, K, K)``."""
+        return self._h().float()
+
+    def reference(self) -> float:
+        """``sum |W f|^2`` per column (about the mean if ``centered``): the float output's energy."""
+        ref = self.ref / max(self.count, 1)
+        if self.centered:
+            ref -= float(torch.bmm(self.w.double(), (self.sum_float / max(self.count, 1))[..., None]).pow(2).sum())
+        return ref
+
+    def target(self, damp: float) -> Tensor:
+        """Weights ``(B, R, K)`` whose output on ``x`` best matches the float layer's on ``f``: ``W C H^-1``.
+
+        Quantizing towards them with ``H`` minimises ``sum |W f - Q x|^2``, the error relative to the
+        float model rather than to this layer alone, so a layer can undo part of the earlier
+        layers' error (asymmetric calibration, as in GPTAQ, Li et al., 2025). ``W`` without float inputs.
+        """
+        if self.cross is None:
+            return self.w
+        u = inverse_cholesky(self._h(), damp).double()
+        return (self.w.double() @ self._cross() @ u.transpose(1, 2) @ u).float()
+
+    def error(self, q: Tensor) -> float:
+        """``sum |W f - Q x|^2`` per column for quantized weights ``q`` ``(B, R, K)``."""
+        q = q.double()
+        linear = float((torch.bmm(self.w.double(), self._cross()) * q).sum())
+        quad = float((torch.bmm(q, self._h()) * q).sum())
+        return self.reference() - 2 * linear + quad
+
+
+def blocks(rows: Tensor, n_blocks: int) -> Tensor:
+    """``(C, K)`` rows as ``(B, C / B, K)``: the output channels of each conv group."""
+    return rows.reshape(n_blocks, rows.shape[0] // n_blocks, rows.shape[1])
+
+
+def output_error(w: Tensor, q: Tensor, h: Tensor) -> float:
+    """``sum_b tr((w_b - q_b) h_b (w_b - q_b)^T)`` for ``(B, R, K)`` weights and ``(B, K, K)`` ``h``."""
+    d = (w - q).double()
+    return float((torch.bmm(d, h.double()) * d).sum())
+
+
+def inverse_cholesky(h: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` per block ``(B, K, K)``.
+
+    Inputs that are always zero get a unit diagonal (their weights cannot change the output).
+    """
+    h = h.double().clone()
+    diag = h.diagonal(dim1=1, dim2=2)
+    dead = diag <= 0
+    diag[dead] = 1.0
+    diag += damp * diag.mean(1, keepdim=True)
+    for extra in (0.0, 1e-4, 1e-2, 1.0):  # raise the damping if H is numerically not positive definite
+        chol, info = torch.linalg.cholesky_ex(h + extra * diag.mean(1)[:, None, None] * torch.eye(h.shape[1], dtype=h.dtype, device=h.device))
+        if not bool(info.any()):
+            break
+    else:
+        raise RuntimeError("the layer's input second moments are not positive definite even with heavy damping")
+    hinv = torch.cholesky_inverse(chol)
+    return torch.linalg.cholesky(hinv, upper=True).float()
+
+
+def row_tables(quantizer: Quantizer, n_blocks: int) -> tuple[Tensor, Tensor]:
+    """Each output channel's levels sorted ``(B, R, L)`` and the code of each sorted level ``(B, R, L)``."""
+    values, order = torch.sort(quantizer.levels().detach().float(), dim=1)
+    idx = quantizer.group_index
+    return blocks(values[idx], n_blocks), blocks(order[idx], n_blocks)
+
+
+def gptq_codes(w: Tensor, h: Tensor, tables: Tensor, codes_of: Tensor, act_order: bool = True,
+               damp: float = 0.01, block: int = 128) -> Tensor:
+    """Codes ``(B, R, K)`` from GPTQ's column-by-column rounding with error feedback.
+
+    Args:
+        w: weights ``(B, R, K)``; ``h``: the input second moments ``(B, K, K)``.
+        tables: each row's sorted levels ``(B, R, L)``; ``codes_of`` maps a sorted level to its code.
+        act_order: quantize the columns with the largest input energy first (GPTQ's ``act_order``).
+        damp: ridge on ``H`` relative to its mean diagonal (GPTQ's ``percdamp``).
+        block: columns per lazy batch update.
+    """
+    n_blocks, n_rows, k = w.shape
+    perm = torch.argsort(h.diagonal(dim1=1, dim2=2), dim=1, descending=True) if act_order else None
+    u = inverse_cholesky(permuted(h, perm), damp)
+    w = w.float().clone()
+    if perm is not None:
+        w = w.gather(2, perm[:, None, :].expand_as(w))
+    mids = midpoints(tables).contiguous()
+    picked = torch.empty(w.shape, dtype=torch.long, device=w.device)
+    for start in range(0, k, block):
+        stop = min(start + block, k)
+        wb = w[..., start:stop].clone()
+        errors = torch.empty_like(wb)
+        ub = u[:, start:stop, start:stop]
+        for j in range(stop - start):
+            col = wb[..., j]
+            c = torch.searchsorted(mids, col[..., None].contiguous()).squeeze(-1)
+            q = tables.gather(2, c[..., None]).squeeze(-1)
+            picked[..., start + j] = c
+            err = (col - q) / ub[:, j, j][:, None]
+            wb[..., j:] -= err[..., None] * ub[:, None, j, j:]
+            errors[..., j] = err
+        if stop < k:
+            w[..., stop:] -= torch.bmm(errors, u[:, start:stop, stop:])
+    if perm is not None:
+        picked = torch.empty_like(picked).scatter_(2, perm[:, None, :].expand_as(picked), picked)
+    return codes_of.gather(2, picked)
+
+
+def permuted(h: Tensor, perm: Tensor | None) -> Tensor:
+    """``h[b][perm[b]][:, perm[b]]`` for every block."""
+    if perm is None:
+        return h
+    b = torch.arange(h.shape[0], device=h.device)[:, None, None]
+    return h[b, perm[:, :, None], perm[:, None, :]]
+
+
+def refit_levels(quantizer: Quantizer, w: Tensor, codes: Tensor, h: Tensor, ridge: float = 1e-6) -> Tensor | None:
+    """Least-squares refit of the quantizer's level parameters for fixed ``codes`` (in place).
+
+    Minimises ``sum_b tr((w_b - Q_b) h_b (w_b - Q_b)^T)`` with ``Q[r, k] = levels[g(r), codes[r, k]]``
+    and ``levels[g] = D[g] @ params[g]`` (``Quantizer.level_design``); a small ridge towards the current
+    levels keeps unused levels where they were. Returns the codes after the levels' reordering, or
+    ``None`` if the method has no linear design (nothing changed).
+    """
+    design = quantizer.level_design()
+    if design is None:
+        return None
+    n_blocks, n_rows, k = w.shape
+    n_groups, n_levels, _ = design.shape
+    gram = torch.zeros(n_groups, n_levels, n_levels, dtype=torch.float64, device=w.device)
+    rhs = torch.zeros(n_groups, n_levels, dtype=torch.float64, device=w.device)
+    group = blocks(quantizer.group_index[:, None], n_blocks)[..., 0]  # (B, R)
+    chunk = max(1, 2**22 // (k * n_levels))  # bounds the one-hot and its product with H to 16 MB each
+    for b in range(n_blocks):
+        for rows in torch.arange(n_rows, device=w.device).split(chunk):
+            onehot = F.one_hot(codes[b, rows], n_levels).float()  # (r, K, L)
+            h_onehot = torch.matmul(h[b], onehot)  # (r, K, L)
+            gram.index_add_(0, group[b, rows], torch.matmul(onehot.transpose(1, 2), h_onehot).double())
+            rhs.index_add_(0, group[b, rows], torch.einsum("rkl,rk->rl", h_onehot, w[b, rows].float()).double())
+    d = design.double()
+    current = quantizer.levels().detach().double()
+    a = d.transpose(1, 2) @ gram @ d
+    y = (d.transpose(1, 2) @ rhs[..., None]).squeeze(-1)
+    dtd = d.transpose(1, 2) @ d
+    lam = ridge * (a.diagonal(dim1=1, dim2=2).sum(1) / dtd.diagonal(dim1=1, dim2=2).sum(1)).clamp_min(1e-30)
+    a = a + lam[:, None, None] * dtd
+    y = y + lam[:, None] * (d.transpose(1, 2) @ current[..., None]).squeeze(-1)
+    params = torch.linalg.solve(a, y[..., None]).squeeze(-1)
+    remap = quantizer.set_level_params_(params.float())
+    return remap[group[..., None].expand_as(codes), codes]
