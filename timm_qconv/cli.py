@@ -4,6 +4,7 @@ Examples::
 
     timm-qconv quantize --model resnet34 --pretrained --bits 4 --functions 32 --iters 50 --out resnet34_q4
     timm-qconv quantize --model resnet18 --checkpoint model.pth --method kmeans --bits 3 --out resnet18_q3
+    timm-qconv quantize --model resnet18 --checkpoint model.pth --bits 2 --calibration images/ --calibration-samples 512 --out resnet18_q2
     timm-qconv info resnet34_q4
     timm-qconv plugins
 
@@ -229,20 +230,38 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise CLIError(f"argument {exc}") from None
     # A bad --method fails before the model loads.
     make_config(args.method, n_bits=args.bits, n_functions=args.functions)
+    _check_calibration(args.calibration)
     model = _create_model(args)
     quantizer = BitQuantizer(model, args.functions, args.bits, avoid=args.avoid or (), layers=tuple(args.layers),
                              method=args.method, device=args.device, verbose=True)
     start = time.perf_counter()
     quantizer.train_hash_functions(args.iters)
     seconds = time.perf_counter() - start
+    calibrated = ""
+    if args.calibration:
+        from .calibration_data import calibration_loader
+
+        loader = calibration_loader(args.calibration, model, args.calibration_samples)
+        start = time.perf_counter()
+        quantizer.calibrate(loader, args.calibration_samples)
+        calibrated = f"; calibrated on {args.calibration_samples} images of {args.calibration} in {time.perf_counter() - start:.1f} s"
     out = save_quantized(quantizer, args.out)
     before = read_config(out, verify=False)["float32_bytes"]
     after = sum((out / f).stat().st_size for f in (WEIGHTS_FILE, CONFIG_FILE))
     print(quantizer.report())
     print(f"\nfitted {len(quantizer.layer_names)} layers in {seconds:.1f} s ({quantizer.method.name}, "
-          f"{args.bits} bits, {args.functions} groups, {args.iters} iterations)")
+          f"{args.bits} bits, {args.functions} groups, {args.iters} iterations){calibrated}")
     print(f"size: {_size(before)} (float32 state dict) -> {_size(after)} ({out}), {100 * after / before:.1f}%")
     return 0
+
+
+def _check_calibration(source: str | None) -> None:
+    """Fail before the model loads when ``--calibration`` is neither a dataset name nor a folder."""
+    from .datasets import list_datasets
+
+    if source and source not in list_datasets() and not Path(source).is_dir():
+        raise CLIError(f"argument --calibration: {source!r} is neither a folder nor a dataset name; expected an "
+                       f"image folder (one sub-folder per class) or one of {list_datasets()}")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -323,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--layers", nargs="+", choices=("conv", "linear"), default=["conv", "linear"],
                    help="layer kinds to quantize (default: conv linear)")
     q.add_argument("--device", default=None, help="device to fit on, e.g. cuda (default: where the model is)")
+    q.add_argument("--calibration", metavar="DIR_OR_DATASET",
+                   help="refine with calibration images: an image folder (one sub-folder per class) or fashion-mnist/cifar10")
+    q.add_argument("--calibration-samples", type=_int_at_least(1), default=512,
+                   help="calibration images, >= 1 (default 512)")
     q.add_argument("--out", required=True, metavar="DIR", help="output directory (model.safetensors + config.json)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
 

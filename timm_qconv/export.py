@@ -180,6 +180,8 @@ def save_quantized(model_or_quantizer: BitQuantizer | nn.Module, path: str | os.
     """
     model, layers, owned = _layers_of(model_or_quantizer)
     state = model.state_dict()
+    if isinstance(model_or_quantizer, BitQuantizer):  # biases and BatchNorm statistics that calibration changed
+        state.update(model_or_quantizer.overrides)
     tensors: dict[str, Tensor] = {}
     layer_meta: dict[str, dict] = {}
     plain = {k: v for k, v in state.items() if k not in owned}

@@ -45,6 +45,7 @@ class BitQuantizerOptions:
         n_iter: fitting iterations per layer.
         every_n_epochs: also run after every this many epochs (``None``: never during training).
         at_train_end: run at ``on_train_end``.
+        calibration_samples: inputs of ``calibration_dataloader`` to calibrate with, >= 1.
     """
 
     n_bits: int = 4
@@ -57,6 +58,7 @@ class BitQuantizerOptions:
     n_iter: int = 50
     every_n_epochs: int | None = None
     at_train_end: bool = True
+    calibration_samples: int = 512
     config: QuantConfig = field(init=False, repr=False)
     selection: LayerSelection = field(init=False, repr=False)
 
@@ -65,6 +67,7 @@ class BitQuantizerOptions:
         self.selection = LayerSelection(self.layers, self.avoid, self.skip_first_last)
         self.layers, self.avoid = self.selection.layers, self.selection.avoid
         check_int("n_iter", self.n_iter, 1)
+        check_int("calibration_samples", self.calibration_samples, 1)
         if self.every_n_epochs is not None:
             check_int("every_n_epochs", self.every_n_epochs, 1)
         if not isinstance(self.at_train_end, bool):
@@ -93,6 +96,8 @@ class BitQuantizerCallback(QuantCallback):
         eval_dataloader: instead of ``eval_fn``, batches ``(inputs, targets)``; the metric is
             ``metric`` (cloned for every evaluation) or, by default, multiclass accuracy.
         metric: a torchmetrics ``Metric`` or ``MetricCollection`` for ``eval_dataloader``.
+        calibration_dataloader: batches (a tensor, or a tuple/list whose first item is the input) to
+            refine the fit with :meth:`~timm_qconv.BitQuantizer.calibrate` (``calibration_samples`` of them).
 
     After a run, ``history`` holds one row per pass (step, epoch, relative error, float and
     quantized metrics), ``quantized_model`` the last quantized copy and ``report`` its per-layer
@@ -100,7 +105,8 @@ class BitQuantizerCallback(QuantCallback):
     """
 
     def __init__(self, options: BitQuantizerOptions | None = None, *, eval_fn: EvalFn | None = None,
-                 eval_dataloader: Iterable | None = None, metric: Any = None, **kwargs: Any) -> None:
+                 eval_dataloader: Iterable | None = None, metric: Any = None,
+                 calibration_dataloader: Iterable | None = None, **kwargs: Any) -> None:
         options = resolve_options(BitQuantizerOptions, options, kwargs, "BitQuantizerCallback")
         if eval_fn is not None and eval_dataloader is not None:
             raise TypeError("pass eval_fn or eval_dataloader, not both")
@@ -108,6 +114,10 @@ class BitQuantizerCallback(QuantCallback):
             raise TypeError(f"eval_fn={eval_fn!r} must be callable as eval_fn(model) -> dict of metrics")
         if metric is not None and eval_dataloader is None:
             raise TypeError("metric= is used with eval_dataloader=; pass both")
+        if calibration_dataloader is not None and not hasattr(calibration_dataloader, "__iter__"):
+            raise TypeError(f"calibration_dataloader={type(calibration_dataloader).__name__} is not iterable; expected "
+                            "batches of inputs (a DataLoader)")
+        self.calibration_dataloader = calibration_dataloader
         self.options = options
         self.eval_fn = eval_fn
         self.eval_dataloader = eval_dataloader
@@ -151,6 +161,8 @@ class BitQuantizerCallback(QuantCallback):
         bq = BitQuantizer(model, config.n_functions, config.n_bits, avoid=s.avoid, layers=s.layers, method=config,
                           skip_first_last=s.skip_first_last, filter_fn=s.filter_fn)
         bq.train_hash_functions(o.n_iter)
+        if self.calibration_dataloader is not None:
+            bq.calibrate(self.calibration_dataloader, o.calibration_samples)
         self.quantized_model, self.report = bq.get_hashed_model(), bq.report()
         row = {"epoch": state.epoch, "step": state.global_step, "rel_error": self.report.rel_error,
                "float": self.evaluate(model), "quantized": self.evaluate(self.quantized_model)}

@@ -1,0 +1,241 @@
+"""BitQuantizer.calibrate: lower output error than the data-free fit, every method, dtypes, hooks, export, CLI, bad input."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from timm_qconv import BitQuantizer, hookimpl, list_methods, load_quantized, save_quantized
+from timm_qconv.calibrate import CalibrationConfig, collect_inputs
+from timm_qconv.plugins import get_plugin_manager
+
+
+def small_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+    )
+
+
+def task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images whose label is the brightest of four quadrants' mean colour mix: learnable by small_net."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    quadrants = torch.stack([x[:, :, :4, :4], x[:, :, :4, 4:], x[:, :, 4:, :4], x[:, :, 4:, 4:]], 1)
+    return x, quadrants.mean((2, 3, 4)).argmax(1)
+
+
+_TRAINED: dict[str, dict] = {}
+
+
+def trained_net() -> nn.Sequential:
+    """small_net trained for a few hundred steps (once per session; a fresh copy each call)."""
+    if not _TRAINED:
+        torch.manual_seed(0)
+        model = small_net()
+        x, y = task(512, 0)
+        opt = torch.optim.Adam(model.parameters(), 1e-2)
+        for step in range(150):
+            idx = torch.arange(step * 64, step * 64 + 64) % 512
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        _TRAINED.update(copy.deepcopy(model.eval().state_dict()))
+    model = small_net().eval()
+    model.load_state_dict(_TRAINED)
+    return model
+
+
+def batches(n: int = 128, seed: int = 1, batch: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = task(n, seed)
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
+
+
+@torch.no_grad()
+def logits_error(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> float:
+    return float((model(x) - reference(x)).pow(2).mean())
+
+
+def snapshot(bq: BitQuantizer) -> tuple:
+    return (copy.deepcopy(bq.codes), {n: copy.deepcopy(q.state_dict()) for n, q in bq.quantizers.items()},
+            dict(bq.overrides), bq.report())
+
+
+def same_snapshot(a: tuple, b: tuple) -> bool:
+    codes = a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+    states = all(torch.equal(a[1][n][k], b[1][n][k]) for n in a[1] for k in a[1][n])
+    return codes and states and a[2].keys() == b[2].keys() and a[3] is b[3]
+
+
+@pytest.mark.parametrize("n_bits", [1, 2])
+def test_calibrated_output_error_is_lower_than_data_free(n_bits):
+    model = trained_net()
+    bq = BitQuantizer(model, 4, n_bits, layers=(nn.Conv2d, nn.Linear)).train_hash_functions(20)
+    data_free = bq.get_hashed_model().eval()
+    bq.calibrate(batches(), n_samples=128)
+    calibrated = bq.get_hashed_model().eval()
+    held_out, _ = task(256, 7)
+    before, after = logits_error(data_free, model, held_out), logits_error(calibrated, model, held_out)
+    assert after < 0.8 * before, f"{n_bits} bits: held-out logits MSE {after:.4g} is not below 0.8 x data-free {before:.4g}"
+    for layer in bq.report():
+        assert layer.out_error <= layer.data_free_out_error + 1e-9, \
+            f"layer {layer.name}: calibrated output error {layer.out_error} > data-free {layer.data_free_out_error}"
+
+
+def test_original_model_untouched_and_prototype_flow():
+    model = trained_net()
+    state = copy.deepcopy(model.state_dict())
+    bq = BitQuantizer(model, 4, 2, layers=(nn.Conv2d, nn.Linear))
+    bq.train_hash_functions(n_iter=5)
+    assert bq.calibrate(batches(), n_samples=64, bn_reestimate="always") is bq, "calibrate should return itself"
+    hashed = bq.get_hashed_model()
+    assert hashed is not model, "get_hashed_model should return a copy"
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), f"calibrate changed the original model's {key}"
+    assert "1.running_mean" in bq.overrides, f"BatchNorm statistics should be re-estimated; overrides: {list(bq.overrides)}"
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_every_method_keeps_its_family_and_does_not_get_worse(method):
+    model = trained_net()
+    n_bits = 2
+    bq = BitQuantizer(model, 4, n_bits, layers=(nn.Conv2d, nn.Linear), method=method).train_hash_functions(5)
+    bq.calibrate(batches(64), n_samples=64)
+    hashed = dict(bq.get_hashed_model().named_modules())
+    for name in bq.layer_names:
+        quantizer, codes = bq.quantizers[name], bq.codes[name].long()
+        rows = hashed[name].weight.detach().reshape(codes.shape)
+        expected = quantizer.levels().detach()[quantizer.group_index].gather(1, codes)
+        assert torch.equal(rows, expected), f"{method}: {name}'s weights are not its levels at its codes"
+        for g in range(quantizer.n_groups):
+            distinct = rows[quantizer.group_index == g].unique().numel()
+            assert distinct <= 2**n_bits, f"{method}: {name} group {g} has {distinct} values > {2**n_bits}"
+    for layer in bq.report():
+        assert layer.out_error <= layer.data_free_out_error + 1e-9, f"{method}: layer {layer.name} got worse"
+
+
+def test_hash_levels_stay_plus_minus_basis_combinations():
+    bq = BitQuantizer(trained_net(), 4, 2, layers=(nn.Conv2d, nn.Linear)).train_hash_functions(5)
+    bq.calibrate(batches(64), n_samples=64)
+    for name, quantizer in bq.quantizers.items():
+        combos = torch.sort(quantizer.basis.detach() @ quantizer.signs.T, dim=1).values
+        assert torch.allclose(quantizer.levels().detach(), combos), f"{name}: levels are not the ±basis sums"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_weights_are_written_back_in_their_dtype(dtype):
+    model = trained_net().to(dtype)
+    bq = BitQuantizer(model, 4, 2, layers=(nn.Conv2d, nn.Linear)).train_hash_functions(5)
+    bq.calibrate([x.to(dtype) for x, _ in batches(64)], n_samples=64)
+    hashed = bq.get_hashed_model()
+    for name, param in hashed.named_parameters():
+        assert param.dtype == dtype, f"{name} became {param.dtype}, expected {dtype}"
+    assert all(math.isfinite(r.out_error) for r in bq.report()), "output errors should be finite numbers"
+
+
+def test_report_hook_and_export_see_the_calibrated_state(tmp_path):
+    seen = []
+
+    class Listener:
+        @hookimpl
+        def after_bit_quantizer(self, quantizer, report):
+            seen.append(report)
+
+    pm = get_plugin_manager()
+    listener = Listener()
+    pm.register(listener)
+    try:
+        bq = BitQuantizer(trained_net(), 4, 2, layers=(nn.Conv2d, nn.Linear)).train_hash_functions(5)
+        bq.calibrate(batches(64), n_samples=64)
+    finally:
+        pm.unregister(listener)
+    assert len(seen) == 2 and seen[-1] is bq.report(), "after_bit_quantizer should see the calibrated report last"
+    table = str(bq.report())
+    assert "out. error" in table and "data-free" in table, f"the table should show output errors before/after:\n{table}"
+    save_quantized(bq, tmp_path / "q")
+    restored = load_quantized(tmp_path / "q", model=small_net())
+    expected = bq.get_hashed_model().state_dict()
+    for key, value in restored.state_dict().items():
+        assert torch.equal(value, expected[key]), f"saved {key} differs from get_hashed_model()'s"
+
+
+def test_unused_layer_stays_data_free():
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = trained_net()
+            self.unused = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.net(x)
+
+    bq = BitQuantizer(WithUnused(), 4, 2, layers=(nn.Conv2d, nn.Linear)).train_hash_functions(5)
+    codes = bq.codes["unused"].clone()
+    bq.calibrate(batches(64), n_samples=64)
+    row = next(r for r in bq.report() if r.name == "unused")
+    assert row.out_error is None and torch.equal(bq.codes["unused"], codes), "a layer never called should keep its fit"
+
+
+def _exhausted():
+    it = iter(batches(64))
+    list(it)
+    return it
+
+
+@pytest.mark.parametrize("loader, n_samples, error, match", [
+    ([], 8, ValueError, "no batch"),
+    ("exhausted", 8, ValueError, "no batch"),
+    ([torch.randn(4, 3, 5)], 4, ValueError, "does not fit"),
+    ([torch.randint(0, 4, (8,))], 8, TypeError, "labels only"),
+    ([torch.full((4, 3, 8, 8), float("nan"))], 8, ValueError, "NaN"),
+    ([(torch.randn(4, 3, 8, 8),), (torch.randn(4, 3, 9, 9),)], 8, ValueError, "earlier batches"),
+    ([[]], 8, TypeError, "tuple/list"),
+    (5, 8, TypeError, "not iterable"),
+    ([torch.randn(4, 3, 8, 8)], 0, ValueError, "n_samples"),
+    ([torch.randn(4, 3, 8, 8)], -3, ValueError, "n_samples"),
+])
+def test_bad_input_raises_and_leaves_the_quantizer_unchanged(loader, n_samples, error, match):
+    bq = BitQuantizer(trained_net(), 4, 2, layers=(nn.Conv2d, nn.Linear)).train_hash_functions(3)
+    before = snapshot(bq)
+    with pytest.raises(error, match=match):
+        bq.calibrate(_exhausted() if loader == "exhausted" else loader, n_samples=n_samples)
+    assert same_snapshot(before, snapshot(bq)), "a failed calibrate must leave the BitQuantizer as it was"
+
+
+def test_calibrate_before_fit_and_bad_options():
+    with pytest.raises(RuntimeError, match="train_hash_functions"):
+        BitQuantizer(trained_net(), 4, 2).calibrate(batches(32), 32)
+    for options, match in [(dict(rounds=0), "rounds"), (dict(bn_reestimate="maybe"), "bn_reestimate"),
+                           (dict(gptq="yes"), "gptq")]:
+        with pytest.raises((TypeError, ValueError), match=match):
+            CalibrationConfig(**options)
+
+
+def test_collect_inputs_takes_exactly_n_samples_and_warns_when_short():
+    got = collect_inputs(batches(64, batch=24), 50)
+    assert sum(x.shape[0] for x in got) == 50, "the first n_samples inputs should be taken, no more"
+    with pytest.warns(RuntimeWarning, match="fewer than"):
+        collect_inputs(batches(32), 100)
+
+
+def test_cli_quantize_with_calibration_folder(tmp_path):
+    from PIL import Image
+
+    from timm_qconv.cli import main
+
+    folder = tmp_path / "images"
+    for c in range(2):
+        (folder / f"class{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray((torch.rand(20, 20, 3) * 255).byte().numpy()).save(folder / f"class{c}" / f"{i}.png")
+    out = tmp_path / "out"
+    code = main(["quantize", "--model", "test_resnet", "--num-classes", "2", "--bits", "2", "--functions", "2",
+                 "--iters", "3", "--calibration", str(folder), "--calibration-samples", "4", "--out", str(out)])
+    assert code == 0 and (out / "config.json").is_file(), "quantize --calibration should save the model"
+    assert main(["quantize", "--model", "test_resnet", "--calibration", str(tmp_path / "missing"), "--out", str(out)]) == 2, \
+        "a calibration source that is neither a folder nor a dataset should be a usage error"
