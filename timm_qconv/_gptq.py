@@ -116,8 +116,13 @@ class InputStats:
         """
         if self.cross is None:
             return self.w
-        u = inverse_cholesky(self._h(), damp).double()
-        return (self.w.double() @ self._cross() @ u.transpose(1, 2) @ u).float()
+        # W C H^-1 = W + W (C - H) H^-1: damping the inverse shrinks the correction towards W itself.
+        # H and C come from ``count`` columns; with few columns per input (a Linear layer sees one per
+        # sample), their estimate is noisy, so the damping grows with K / count.
+        h = self._h()
+        u = inverse_cholesky(h, damp + h.shape[-1] / max(self.count, 1)).double()
+        w = self.w.double()
+        return (w + w @ (self._cross() - h) @ u.transpose(1, 2) @ u).float()
 
     def error(self, q: Tensor) -> float:
         """``sum |W f - Q x|^2`` per column for quantized weights ``q`` ``(B, R, K)``."""
