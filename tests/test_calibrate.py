@@ -1,4 +1,4 @@
-"""BitQuantizer.calibrate: lower output error than the data-free fit, every method, dtypes, hooks, export, CLI, bad input."""
+"""BitQuantizer.calibrate: lower output error than data-free, every method, dtypes, hooks, export, CLI, bad input."""
 from __future__ import annotations
 
 import copy
@@ -81,7 +81,8 @@ def test_calibrated_output_error_is_lower_than_data_free(n_bits):
     calibrated = bq.get_hashed_model().eval()
     held_out, _ = task(256, 7)
     before, after = logits_error(data_free, model, held_out), logits_error(calibrated, model, held_out)
-    assert after < 0.8 * before, f"{n_bits} bits: held-out logits MSE {after:.4g} is not below 0.8 x data-free {before:.4g}"
+    assert after < 0.8 * before, \
+        f"{n_bits} bits: held-out logits MSE {after:.4g} is not below 0.8 x data-free {before:.4g}"
     for layer in bq.report():
         assert layer.out_error <= layer.data_free_out_error + 1e-9, \
             f"layer {layer.name}: calibrated output error {layer.out_error} > data-free {layer.data_free_out_error}"
@@ -97,7 +98,8 @@ def test_original_model_untouched_and_prototype_flow():
     assert hashed is not model, "get_hashed_model should return a copy"
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), f"calibrate changed the original model's {key}"
-    assert "1.running_mean" in bq.overrides, f"BatchNorm statistics should be re-estimated; overrides: {list(bq.overrides)}"
+    assert "1.running_mean" in bq.overrides, \
+        f"BatchNorm statistics should be re-estimated; overrides: {list(bq.overrides)}"
 
 
 @pytest.mark.parametrize("method", list_methods())
@@ -237,5 +239,6 @@ def test_cli_quantize_with_calibration_folder(tmp_path):
     code = main(["quantize", "--model", "test_resnet", "--num-classes", "2", "--bits", "2", "--functions", "2",
                  "--iters", "3", "--calibration", str(folder), "--calibration-samples", "4", "--out", str(out)])
     assert code == 0 and (out / "config.json").is_file(), "quantize --calibration should save the model"
-    assert main(["quantize", "--model", "test_resnet", "--calibration", str(tmp_path / "missing"), "--out", str(out)]) == 2, \
+    missing = str(tmp_path / "missing")
+    assert main(["quantize", "--model", "test_resnet", "--calibration", missing, "--out", str(out)]) == 2, \
         "a calibration source that is neither a folder nor a dataset should be a usage error"

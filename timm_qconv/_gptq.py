@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._groups import as_rows, midpoints
+from ._groups import midpoints
 from .methods.base import Quantizer
 
 
@@ -59,7 +59,8 @@ class InputStats:
                 padding = layer.padding
             cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
             n, bk, p = cols.shape
-            return cols.view(n, self.n_blocks, bk // self.n_blocks, p).permute(1, 2, 0, 3).reshape(self.n_blocks, bk // self.n_blocks, n * p)
+            k = bk // self.n_blocks
+            return cols.view(n, self.n_blocks, k, p).permute(1, 2, 0, 3).reshape(self.n_blocks, k, n * p)
         return x.reshape(-1, x.shape[-1]).T[None]
 
     def add(self, x: Tensor, x_float: Tensor | None = None) -> None:
@@ -93,7 +94,8 @@ class InputStats:
             return self._h()
         cross = self.cross / max(self.count, 1)
         if self.centered:
-            cross = cross - (self.sum_float / max(self.count, 1))[:, :, None] * (self.sum / max(self.count, 1))[:, None, :]
+            n = max(self.count, 1)
+            cross = cross - (self.sum_float / n)[:, :, None] * (self.sum / n)[:, None, :]
         return cross
 
     def gram(self) -> Tensor:
@@ -154,7 +156,8 @@ def inverse_cholesky(h: Tensor, damp: float) -> Tensor:
     diag[dead] = 1.0
     diag += damp * diag.mean(1, keepdim=True)
     for extra in (0.0, 1e-4, 1e-2, 1.0):  # raise the damping if H is numerically not positive definite
-        chol, info = torch.linalg.cholesky_ex(h + extra * diag.mean(1)[:, None, None] * torch.eye(h.shape[1], dtype=h.dtype, device=h.device))
+        eye = torch.eye(h.shape[1], dtype=h.dtype, device=h.device)
+        chol, info = torch.linalg.cholesky_ex(h + extra * diag.mean(1)[:, None, None] * eye)
         if not bool(info.any()):
             break
     else:

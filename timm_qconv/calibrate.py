@@ -44,9 +44,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._errors import check_choice, check_float, check_int
-from ._groups import as_rows
 from ._gptq import InputStats, blocks, gptq_codes, refit_levels, row_tables
-from .report import LayerReport, QuantReport
+from ._groups import as_rows
+from .report import QuantReport
 
 if TYPE_CHECKING:
     from .bit_quantizer import BitQuantizer
@@ -118,7 +118,8 @@ def collect_inputs(loader: Iterable, n_samples: int) -> list[Tensor]:
         if x.dim() < 2 or x.shape[0] == 0:
             raise ValueError(f"loader batch {index} has shape {tuple(x.shape)}; expected (batch, ...) with batch >= 1")
         if shape is not None and x.shape[1:] != shape:
-            raise ValueError(f"loader batch {index} has shape {tuple(x.shape)}; earlier batches had (*, {', '.join(map(str, shape))})")
+            raise ValueError(f"loader batch {index} has shape {tuple(x.shape)}; earlier batches had "
+                             f"(*, {', '.join(map(str, shape))})")
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"loader batch {index} has NaN or infinite values; expected finite inputs")
         shape = x.shape[1:]
@@ -144,7 +145,7 @@ def _call_order(model: nn.Module, modules: dict[str, nn.Module], x: Tensor) -> d
         model(x)
     except Exception as error:
         raise ValueError(f"loader: a batch of shape {tuple(x.shape)} does not fit {type(model).__name__}: "
-                         f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}") from error
+                         f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}") from error
     finally:
         for h in handles:
             h.remove()
@@ -226,7 +227,8 @@ def calibrate_layer(quantizer: nn.Module, rows: Tensor, codes: Tensor, stats: In
 
 
 def _bn_modules(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
 
 
 @torch.no_grad()
@@ -270,11 +272,14 @@ def calibrate(bq: "BitQuantizer", loader: Iterable, config: CalibrationConfig) -
     modules = dict(working.named_modules())
     layers = {name: modules[name] for name in bq.layer_names}
     calls = _call_order(working, layers, batches[0].to(device, torch.float32))
-    reference = [working(x.to(device, torch.float32)).float() for x in batches] if config.bn_reestimate == "auto" and _bn_modules(working) else []
+    reference = []  # the float model's outputs, to judge the BatchNorm re-estimation by
+    if config.bn_reestimate == "auto" and _bn_modules(working):
+        reference = [working(x.to(device, torch.float32)).float() for x in batches]
     quantizers, codes, overrides, reports = dict(bq.quantizers), dict(bq.codes), {}, []
     order = [n for n in calls] + [n for n in bq.layer_names if n not in calls]  # layers never called stay data-free
     old_reports = {r.name: r for r in bq._report}
-    items = tqdm(order, desc=f"calibrating {bq.method.name} {bq.config.n_bits}-bit", unit="layer", disable=not bq.verbose)
+    items = tqdm(order, desc=f"calibrating {bq.method.name} {bq.config.n_bits}-bit", unit="layer",
+                 disable=not bq.verbose)
     for name in items:
         original = bq.modules[name]
         old = old_reports[name]
@@ -284,11 +289,13 @@ def calibrate(bq: "BitQuantizer", loader: Iterable, config: CalibrationConfig) -
         rows = as_rows(original.weight.detach()).to(device, torch.float32)
         stats = _layer_inputs(working, float_model, name, rows, calls[name], batches, device)
         stats.centered = config.bias_correction and original.bias is not None
-        quantizer, new_codes, before, after, ref = calibrate_layer(copy.deepcopy(quantizers[name]).to(device), rows, codes[name].to(device), stats, config)
+        quantizer, new_codes, before, after, ref = calibrate_layer(
+            copy.deepcopy(quantizers[name]).to(device), rows, codes[name].to(device), stats, config)
         q = quantizer.decode(new_codes)
         layers[name].weight.data.copy_(q.view(layers[name].weight.shape))
         if config.bias_correction and original.bias is not None:  # mean of W f - Q x
-            shift = (stats.w * stats.mean_float()[:, None, :]).sum(-1) - (blocks(q, stats.n_blocks) * stats.mean()[:, None, :]).sum(-1)
+            shift = ((stats.w * stats.mean_float()[:, None, :]).sum(-1)
+                     - (blocks(q, stats.n_blocks) * stats.mean()[:, None, :]).sum(-1))
             shift = shift.reshape(-1)
             layers[name].bias.data += shift
             overrides[f"{name}.bias"] = layers[name].bias.detach().to(original.bias.device, original.bias.dtype).clone()

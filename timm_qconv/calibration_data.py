@@ -46,7 +46,8 @@ def calibration_loader(source: str | os.PathLike, model: nn.Module, n_samples: i
 
         dataset = create_dataset("", root=str(source), split="")
         if len(dataset) == 0:
-            raise ValueError(f"calibration={str(source)!r} holds no images; expected one sub-folder of images per class")
+            raise ValueError(f"calibration={str(source)!r} holds no images; "
+                             "expected one sub-folder of images per class")
         dataset.transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
     else:
         raise ValueError(f"calibration={str(source)!r} is neither a folder nor a dataset name; expected an image "

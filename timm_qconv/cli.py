@@ -4,7 +4,7 @@ Examples::
 
     timm-qconv quantize --model resnet34 --pretrained --bits 4 --functions 32 --iters 50 --out resnet34_q4
     timm-qconv quantize --model resnet18 --checkpoint model.pth --method kmeans --bits 3 --out resnet18_q3
-    timm-qconv quantize --model resnet18 --checkpoint model.pth --bits 2 --calibration images/ --calibration-samples 512 --out resnet18_q2
+    timm-qconv quantize --model resnet18 --checkpoint model.pth --bits 2 --calibration images/ --out resnet18_q2
     timm-qconv info resnet34_q4
     timm-qconv plugins
 
@@ -244,7 +244,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         loader = calibration_loader(args.calibration, model, args.calibration_samples)
         start = time.perf_counter()
         quantizer.calibrate(loader, args.calibration_samples)
-        calibrated = f"; calibrated on {args.calibration_samples} images of {args.calibration} in {time.perf_counter() - start:.1f} s"
+        calibrated = (f"; calibrated on {args.calibration_samples} images of {args.calibration} "
+                      f"in {time.perf_counter() - start:.1f} s")
     out = save_quantized(quantizer, args.out)
     before = read_config(out, verify=False)["float32_bytes"]
     after = sum((out / f).stat().st_size for f in (WEIGHTS_FILE, CONFIG_FILE))
@@ -343,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer kinds to quantize (default: conv linear)")
     q.add_argument("--device", default=None, help="device to fit on, e.g. cuda (default: where the model is)")
     q.add_argument("--calibration", metavar="DIR_OR_DATASET",
-                   help="refine with calibration images: an image folder (one sub-folder per class) or fashion-mnist/cifar10")
+                   help="refine with calibration images: an image folder (one sub-folder per class), "
+                        "fashion-mnist or cifar10")
     q.add_argument("--calibration-samples", type=_int_at_least(1), default=512,
                    help="calibration images, >= 1 (default 512)")
     q.add_argument("--out", required=True, metavar="DIR", help="output directory (model.safetensors + config.json)")
