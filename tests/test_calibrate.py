@@ -242,3 +242,21 @@ def test_cli_quantize_with_calibration_folder(tmp_path):
     missing = str(tmp_path / "missing")
     assert main(["quantize", "--model", "test_resnet", "--calibration", missing, "--out", str(out)]) == 2, \
         "a calibration source that is neither a folder nor a dataset should be a usage error"
+
+
+def test_bit_quantizer_callback_calibrates_with_a_dataloader():
+    from timm_qconv.callbacks import BitQuantizerCallback
+    from timm_qconv.callbacks.base import TrainState
+
+    model = trained_net()
+    cb = BitQuantizerCallback(n_bits=2, n_functions=4, n_iter=5, calibration_dataloader=batches(64),
+                              calibration_samples=64)
+    cb.run(model, TrainState())
+    assert cb.report.calibrated, "the callback's report should come from the calibrated fit"
+    plain = BitQuantizerCallback(n_bits=2, n_functions=4, n_iter=5)
+    plain.run(model, TrainState())
+    held_out, _ = task(256, 7)
+    assert logits_error(cb.quantized_model, model, held_out) < logits_error(plain.quantized_model, model, held_out), \
+        "the calibrated copy should be closer to the float model than the data-free one"
+    with pytest.raises(ValueError, match="calibration_samples"):
+        BitQuantizerCallback(calibration_samples=0)
