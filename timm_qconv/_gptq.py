@@ -122,9 +122,10 @@ class InputStats:
         # H and C come from ``count`` columns; with few columns per input (a Linear layer sees one per
         # sample), their estimate is noisy, so the damping grows with K / count.
         h = self._h()
-        u = inverse_cholesky(h, damp + h.shape[-1] / max(self.count, 1)).double()
-        w = self.w.double()
-        return (w + w @ (self._cross() - h) @ u.transpose(1, 2) @ u).float()
+        chol = damped_cholesky(h, damp + h.shape[-1] / max(self.count, 1))
+        w = self.w.float()
+        rhs = ((self._cross() - h).transpose(1, 2).float() @ w.transpose(1, 2))  # (C - H)^T W^T, (B, K, R)
+        return w + torch.cholesky_solve(rhs, chol).transpose(1, 2)
 
     def error(self, q: Tensor) -> float:
         """``sum |W f - Q x|^2`` per column for quantized weights ``q`` ``(B, R, K)``."""
@@ -139,18 +140,13 @@ def blocks(rows: Tensor, n_blocks: int) -> Tensor:
     return rows.reshape(n_blocks, rows.shape[0] // n_blocks, rows.shape[1])
 
 
-def output_error(w: Tensor, q: Tensor, h: Tensor) -> float:
-    """``sum_b tr((w_b - q_b) h_b (w_b - q_b)^T)`` for ``(B, R, K)`` weights and ``(B, K, K)`` ``h``."""
-    d = (w - q).double()
-    return float((torch.bmm(d, h.double()) * d).sum())
-
-
-def inverse_cholesky(h: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` per block ``(B, K, K)``.
+def damped_cholesky(h: Tensor, damp: float) -> Tensor:
+    """Lower Cholesky factor of ``H + damp * mean(diag H) * I`` per block ``(B, K, K)``, float32.
 
     Inputs that are always zero get a unit diagonal (their weights cannot change the output).
+    Float32, as GPTQ: the ``K^3`` factorisations dominate the cost of large layers (``K = 4608``).
     """
-    h = h.double().clone()
+    h = h.float().clone()
     diag = h.diagonal(dim1=1, dim2=2)
     dead = diag <= 0
     diag[dead] = 1.0
@@ -162,8 +158,23 @@ def inverse_cholesky(h: Tensor, damp: float) -> Tensor:
             break
     else:
         raise RuntimeError("the layer's input second moments are not positive definite even with heavy damping")
-    hinv = torch.cholesky_inverse(chol)
-    return torch.linalg.cholesky(hinv, upper=True).float()
+    return chol
+
+
+def inverse_cholesky(h: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` per block ``(B, K, K)``."""
+    hinv = torch.cholesky_inverse(damped_cholesky(h, damp))
+    u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+    if bool(info.any()):  # float32 round-off on a badly conditioned H: redo this one in float64
+        u = torch.linalg.cholesky(torch.cholesky_inverse(damped_cholesky(h, damp).double()), upper=True).float()
+    return u
+
+
+def gptq_factor(h: Tensor, act_order: bool, damp: float) -> tuple[Tensor | None, Tensor]:
+    """The column order (``None``: as is) and the upper Cholesky factor of the damped ``H^-1`` in
+    that order: what :func:`gptq_codes` needs, computed once per layer for all rounds."""
+    perm = torch.argsort(h.diagonal(dim1=1, dim2=2), dim=1, descending=True) if act_order else None
+    return perm, inverse_cholesky(permuted(h, perm), damp)
 
 
 def row_tables(quantizer: Quantizer, n_blocks: int) -> tuple[Tensor, Tensor]:
@@ -173,20 +184,19 @@ def row_tables(quantizer: Quantizer, n_blocks: int) -> tuple[Tensor, Tensor]:
     return blocks(values[idx], n_blocks), blocks(order[idx], n_blocks)
 
 
-def gptq_codes(w: Tensor, h: Tensor, tables: Tensor, codes_of: Tensor, act_order: bool = True,
-               damp: float = 0.01, block: int = 128) -> Tensor:
+def gptq_codes(w: Tensor, factor: tuple[Tensor | None, Tensor], tables: Tensor, codes_of: Tensor,
+               block: int = 128) -> Tensor:
     """Codes ``(B, R, K)`` from GPTQ's column-by-column rounding with error feedback.
 
     Args:
-        w: weights ``(B, R, K)``; ``h``: the input second moments ``(B, K, K)``.
+        w: weights ``(B, R, K)``.
+        factor: from :func:`gptq_factor`: the column order (GPTQ's ``act_order``: the largest
+            inputs first) and the Cholesky factor of the damped ``H^-1`` (``percdamp``).
         tables: each row's sorted levels ``(B, R, L)``; ``codes_of`` maps a sorted level to its code.
-        act_order: quantize the columns with the largest input energy first (GPTQ's ``act_order``).
-        damp: ridge on ``H`` relative to its mean diagonal (GPTQ's ``percdamp``).
         block: columns per lazy batch update.
     """
     n_blocks, n_rows, k = w.shape
-    perm = torch.argsort(h.diagonal(dim1=1, dim2=2), dim=1, descending=True) if act_order else None
-    u = inverse_cholesky(permuted(h, perm), damp)
+    perm, u = factor
     w = w.float().clone()
     if perm is not None:
         w = w.gather(2, perm[:, None, :].expand_as(w))

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._errors import check_choice, check_float, check_int
-from ._gptq import InputStats, blocks, gptq_codes, refit_levels, row_tables
+from ._gptq import InputStats, blocks, gptq_codes, gptq_factor, refit_levels, row_tables
 from ._groups import as_rows
 from .report import QuantReport
 
@@ -206,10 +206,11 @@ def calibrate_layer(quantizer: nn.Module, rows: Tensor, codes: Tensor, stats: In
     before = error(quantizer, codes)
     best = (before, quantizer, codes)
     current = copy.deepcopy(quantizer)
+    factor = gptq_factor(h, config.act_order, damp) if config.gptq else None
     for _ in range(config.rounds):
         if config.gptq:
             tables, codes_of = row_tables(current, n_blocks)
-            codes = gptq_codes(w, h, tables, codes_of, config.act_order, damp)
+            codes = gptq_codes(w, factor, tables, codes_of)
             if (e := error(current, codes)) < best[0]:
                 best = (e, copy.deepcopy(current), codes)
         if config.refit:
