@@ -3,11 +3,13 @@
     python recipes/ptq_timm.py --from-run runs/resnet34_q --bits 4 2                 # the float model a recipe trained
     python recipes/ptq_timm.py --model resnet50 --pretrained --image-folder imagenet/val --bits 4
     python recipes/ptq_timm.py --model resnet18 --checkpoint my.safetensors --num-classes 10 --dataset cifar10
+    python recipes/ptq_timm.py --from-run runs/resnet34_q --bits 2 --calibration-samples 512     # calibrated PTQ
 
 The model comes from timm's hub (``--pretrained``), from a weights file (``--checkpoint``: safetensors,
 or a state dict saved by ``torch.save``, read without running code), or from the float run of
 ``recipes/resnet34_q.py`` / ``recipes/lenet_q.py`` (``--from-run``). It is evaluated in float and after
-``BitQuantizer`` at every width of ``--bits`` on Fashion-MNIST, CIFAR-10 or an image folder read by
+``BitQuantizer`` (calibrated on a few hundred training images with ``--calibration-samples``) at every
+width of ``--bits`` on Fashion-MNIST, CIFAR-10 or an image folder read by
 timm's own ``create_dataset``/``create_loader`` (one sub-folder per class), or just quantized when no
 data is given. ``--output-dir`` gets ``results.json``, one packed export per width and a chart.
 """
@@ -29,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from timm_qconv import BitQuantizer, list_methods, save_quantized
 from timm_qconv.atomic import atomic_write
+from timm_qconv.calibration_data import calibration_loader
 from timm_qconv.datasets import DatasetNotFoundError, dataset_info, list_datasets, load_dataset
 from timm_qconv.plots import plot_accuracy_vs_bits
 
@@ -51,6 +54,8 @@ class PTQConfig:
                          choices=list_methods())
     n_functions: int = option(32, "channel groups per layer, each with its own levels")
     iters: int = option(50, "BitQuantizer fitting iterations")
+    calibration_samples: int = option(0, "training images for BitQuantizer.calibrate (0: data-free)")
+    calibration: str = option("", "dataset name or image folder to calibrate on (default: the evaluation data's)")
     batch_size: int = option(256, "evaluation batch size")
     output_dir: str = option("runs/ptq_timm", "where results, exports and the chart go")
 
@@ -64,8 +69,8 @@ class PTQConfig:
         for name in ("n_functions", "iters", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} is not allowed; expected >= 1")
-        if self.num_classes < 0 or self.eval_samples < 0:
-            raise ValueError("--num-classes and --eval-samples must be >= 0")
+        if self.num_classes < 0 or self.eval_samples < 0 or self.calibration_samples < 0:
+            raise ValueError("--num-classes, --eval-samples and --calibration-samples must be >= 0")
 
 
 def model_from_run(folder: Path) -> tuple[nn.Module, str]:
@@ -160,10 +165,21 @@ def main(cfg: PTQConfig) -> dict[str, Any]:
         atomic_write(out / "results.json", json.dumps(results, indent=1))
 
     finish("float", None, model, sum(t.numel() * t.element_size() for t in model.state_dict().values()))
+    calibration = None
+    if cfg.calibration_samples:
+        source = cfg.calibration or cfg.image_folder or dataset
+        if not source:
+            raise SystemExit("error: --calibration-samples needs data: pass --calibration, --dataset or --image-folder")
+        try:
+            calibration = calibration_loader(source, model, cfg.calibration_samples, data_dir=cfg.data_dir or None)
+        except (DatasetNotFoundError, ValueError) as error:
+            raise SystemExit(f"error: --calibration {source}: {error}") from None
     for n_bits in cfg.bits:
         run = f"ptq-{n_bits}bit"
         bq = BitQuantizer(model, cfg.n_functions, n_bits, method=cfg.method, layers=("conv", "linear"), verbose=True)
         bq.train_hash_functions(n_iter=cfg.iters)
+        if calibration is not None:  # layer by layer on the model's own inputs: see BitQuantizer.calibrate
+            bq.calibrate(calibration, n_samples=cfg.calibration_samples)
         export = save_quantized(bq, out / run)
         print(f"{run}: weight error {bq.report().rel_error:.4f} (relative), export {export}")
         finish(run, n_bits, bq.get_hashed_model(), (export / "model.safetensors").stat().st_size)

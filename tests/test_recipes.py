@@ -181,7 +181,7 @@ def test_resnet_recipe_on_cifar_then_ptq_recipe_from_its_output(cifar_dir, tmp_p
     assert (ptq / "ptq-2bit" / "model.safetensors").exists() and "vs float" in proc.stdout
 
 
-def test_ptq_recipe_on_an_image_folder(tmp_path):
+def test_ptq_recipe_on_an_image_folder_calibrated(tmp_path):
     import timm
     from PIL import Image
     from safetensors.torch import save_file
@@ -193,11 +193,13 @@ def test_ptq_recipe_on_an_image_folder(tmp_path):
             Image.fromarray(np.full((40, 40, 3), 40 * i + (100 if label == "dog" else 0), np.uint8)).save(
                 folder / label / f"{i}.png")
     checkpoint = tmp_path / "model.safetensors"
-    save_file(timm.create_model("resnet18", num_classes=2).state_dict(), checkpoint)
-    run("ptq_timm.py", "--model", "resnet18", "--checkpoint", str(checkpoint), "--num-classes", "2",
-        "--image-folder", str(folder), "--bits", "4", "--n-functions", "4", "--output-dir", str(tmp_path / "out"))
+    save_file(timm.create_model("test_resnet", num_classes=2).state_dict(), checkpoint)
+    proc = run("ptq_timm.py", "--model", "test_resnet", "--checkpoint", str(checkpoint), "--num-classes", "2",
+               "--image-folder", str(folder), "--bits", "2", "--n-functions", "4", "--calibration-samples", "4",
+               "--output-dir", str(tmp_path / "out"))
     final = results(tmp_path / "out")["final"]
-    assert set(final) == {"float", "ptq-4bit"} and final["float"]["accuracy"] in {i / 6 for i in range(7)}, final
+    assert set(final) == {"float", "ptq-2bit"} and final["float"]["accuracy"] in {i / 6 for i in range(7)}, final
+    assert "calibrat" in proc.stdout + proc.stderr, "the calibration pass must run and show its progress"
 
 
 @pytest.mark.parametrize("flags, message", [
