@@ -85,3 +85,19 @@ def run_distributed(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     if proc.returncode != 0 and GLOO_ABORT in proc.stderr:
         proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
     return proc
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate's process-wide state reset before and after a test that builds Accelerators."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def tiny_model() -> nn.Module:
+    """A conv, a pool and a classifier: the least a callback test needs."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))

@@ -19,17 +19,9 @@ from timm_qconv import QuantMixin, quantized_layers
 from timm_qconv.callbacks import BitQuantizerCallback, CallbackHandler, HashLossCallback, QuantCallback
 from timm_qconv.callbacks.handler import STATE_FILE
 
+from conftest import tiny_model
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
-def tiny_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def options(**extra: Any) -> dict[str, Any]:

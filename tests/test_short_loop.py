@@ -9,22 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from torch import nn
 
 from timm_qconv.callbacks import BitQuantizerCallback, CallbackHandler, HashLossCallback
 
+from conftest import tiny_model
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
-def tiny_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def short_loop(callbacks: list, optimizer_first: bool, accelerate: bool, steps: int = 2,

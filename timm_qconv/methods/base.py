@@ -160,6 +160,10 @@ class Quantizer(nn.Module):
             optimizer.step()
 
     # ----------------------------------------------------------------- calibration with data
+    def free_level_design(self, table: Tensor) -> Tensor:
+        """The :meth:`level_design` of methods whose ``(G, L)`` level ``table`` is its own parameters."""
+        return torch.eye(table.shape[1], device=table.device).expand(self.n_groups, -1, -1)
+
     def level_design(self) -> Tensor | None:
         """``(G, L, P)`` float32 matrix ``D`` with ``levels()[g] == D[g] @ params[g]``, in code order.
 

@@ -136,8 +136,7 @@ class KMeansQuantizer(Quantizer):
         self.table.copy_(refine_small_groups(stats, levels))
 
     def level_design(self) -> Tensor:
-        eye = torch.eye(self.table.shape[1], device=self.table.device)
-        return eye.expand(self.n_groups, -1, -1)
+        return self.free_level_design(self.table)
 
     @torch.no_grad()
     def set_level_params_(self, params: Tensor) -> Tensor:

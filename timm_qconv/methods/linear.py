@@ -74,8 +74,7 @@ class LinearQuantizer(Quantizer):
         self.values.copy_(torch.where(n > 0, s1 / n.clamp_min(1), centres.double()).float())
 
     def level_design(self) -> Tensor:
-        eye = torch.eye(self.values.shape[1], device=self.values.device)
-        return eye.expand(self.n_groups, -1, -1)
+        return self.free_level_design(self.values)
 
     @torch.no_grad()
     def set_level_params_(self, params: Tensor) -> Tensor:

@@ -90,8 +90,7 @@ class PolyQuantizer(Quantizer):
         self.coef.copy_(torch.stack([torch.zeros_like(v), 2 * v, -v * v], -1))
 
     def level_design(self) -> Tensor:
-        eye = torch.eye(self.values.shape[1], device=self.values.device)
-        return eye.expand(self.n_groups, -1, -1)
+        return self.free_level_design(self.values)
 
     @torch.no_grad()
     def set_level_params_(self, params: Tensor) -> Tensor:
