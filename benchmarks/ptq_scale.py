@@ -24,20 +24,7 @@ import sys
 import tempfile
 import time
 
-
-def _kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
-
-
-def _reset_peak() -> int:
-    """Reset the high-water mark of resident memory; return the resident memory now (KiB)."""
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
-    return _kib("VmRSS")
+from _memory import reset_peak, vm_kib
 
 
 def child_fit(model_name: str, n_bits: int) -> dict:
@@ -54,19 +41,19 @@ def child_fit(model_name: str, n_bits: int) -> dict:
     base = baseline_seconds(ws, n_bits)
     result = {"model": model_name, "weights_m": sum(w.numel() for w in ws) / 1e6, "layers": len(ws),
               "largest_mib": largest / 2**20, "sort_bucketize_s": base}
-    before = _reset_peak()
+    before = reset_peak()
     start = time.perf_counter()
     bq = BitQuantizer(model, 32, n_bits).train_hash_functions(50)
     result["fit_s"] = time.perf_counter() - start
-    result["fit_extra_mib"] = (_kib("VmHWM") - before) / 1024
+    result["fit_extra_mib"] = (vm_kib("VmHWM") - before) / 1024
     with tempfile.TemporaryDirectory() as folder:
-        before = _reset_peak()
+        before = reset_peak()
         save_quantized(bq, folder)
-        result["save_extra_mib"] = (_kib("VmHWM") - before) / 1024
+        result["save_extra_mib"] = (vm_kib("VmHWM") - before) / 1024
         del bq
-        before = _reset_peak()
+        before = reset_peak()
         load_quantized(folder, model)
-        result["load_extra_mib"] = (_kib("VmHWM") - before) / 1024
+        result["load_extra_mib"] = (vm_kib("VmHWM") - before) / 1024
     return result
 
 

@@ -14,13 +14,7 @@ import argparse
 import subprocess
 import sys
 
-
-def _vm_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+from _memory import reset_peak, vm_kib
 
 
 def child(method: str, n_bits: int, steps: int, batch: int) -> None:
@@ -49,11 +43,10 @@ def child(method: str, n_bits: int, steps: int, batch: int) -> None:
 
     for _ in range(2):
         step()
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # reset the peak resident set size to the current one
+    reset_peak()
     for _ in range(steps):
         step()
-    print(_vm_kib("VmHWM"), model_kib)
+    print(vm_kib("VmHWM"), model_kib)
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ from timm_qconv.atomic import atomic_write
 from timm_qconv.calibration_data import calibration_loader
 from timm_qconv.datasets import DatasetNotFoundError, dataset_info, list_datasets, load_dataset
 from timm_qconv.plots import plot_accuracy_vs_bits
+from timm_qconv.state_dict import state_dict_mismatch
 
 
 @dataclass
@@ -80,12 +81,12 @@ def model_from_run(folder: Path) -> tuple[nn.Module, str]:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise SystemExit(f"error: --from-run {folder}: no readable results.json with a 'config' ({error})") from None
     known = {f.name for f in fields(TimmConfig)}
-    if not isinstance(config, dict) or not set(config) <= known | {"model", "pretrained", "small_stem"}:
+    if not isinstance(config, dict) or not set(config) <= known:
         raise SystemExit(f"error: --from-run {folder}: results.json's config has unknown keys")
     if config.get("model", "lenet5") not in timm.list_models():
         raise SystemExit(f"error: --from-run {folder}: model {config.get('model', 'lenet5')!r} is not a timm model "
                          "(a LeNet run: quantize it with recipes/lenet_q.py --mode ptq)")
-    cfg = TimmConfig(**{k: v for k, v in config.items() if k in known}, )
+    cfg = TimmConfig(**config)
     model = create_model(cfg, dataset_info(cfg.dataset))
     load_weights(model, folder / "float" / "model.safetensors")
     return model, cfg.dataset
@@ -105,14 +106,11 @@ def load_weights(model: nn.Module, path: Path) -> None:
     state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SystemExit(f"error: checkpoint {path}: expected a state dict of tensors")
-    wrong = {k: (tuple(v.shape), tuple(model.state_dict()[k].shape)) for k, v in state.items()
-             if k in model.state_dict() and v.shape != model.state_dict()[k].shape}
-    if wrong:
-        raise SystemExit(f"error: checkpoint {path} does not fit {type(model).__name__} (file, model): {wrong}; "
+    mismatch = state_dict_mismatch({k: v.shape for k, v in model.state_dict().items()}, state)
+    if mismatch:
+        raise SystemExit(f"error: checkpoint {path} does not fit {type(model).__name__}: {mismatch}; "
                          "is --num-classes right?")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise SystemExit(f"error: checkpoint {path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    model.load_state_dict(state)
 
 
 def test_loader(cfg: PTQConfig, dataset: str, model: nn.Module) -> DataLoader | None:

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from timm_qconv._state_dict import state_dict_mismatch
 from timm_qconv._table import render_table
+from timm_qconv.state_dict import state_dict_mismatch
 
 
 def test_table_pads_aligns_and_rules():

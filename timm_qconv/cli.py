@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import urlparse
 
-from ._state_dict import state_dict_mismatch
 from ._table import render_table
+from .state_dict import state_dict_mismatch
 
 PROG = "timm-qconv"
 DEFAULT_HUB = "https://huggingface.co"

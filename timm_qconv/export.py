@@ -46,12 +46,12 @@ from ._export_schema import (
 )
 from ._groups import as_rows, group_index
 from ._packing import MAX_BITS, pack_bits, packed_size, unpack_bits
-from ._state_dict import state_dict_mismatch
 from .atomic import atomic_directory, resolve_directory
 from .bit_quantizer import BitQuantizer
 from .convert import freeze_model, quantized_layers
 from .layers import QuantMixin
 from .methods.base import Quantizer
+from .state_dict import state_dict_mismatch
 
 CODES = ".weight.codes"
 LEVELS = ".weight.levels"
