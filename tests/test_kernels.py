@@ -303,8 +303,12 @@ def reference_hash_loss(layer) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_hash_loss_from_the_forward_codes_equals_the_reference(method, dtype):
     layer = QuantConv2d(4, 8, 3, method=method, n_bits=3, n_functions=2).to(dtype).train()
-    out = layer(torch.randn(2, 4, 6, 6, dtype=dtype))
-    assert layer.quantizer.squared_error_of_last_forward(layer.weight) is not None, f"{method}: forward codes not kept"
+    x = torch.randn(2, 4, 6, 6, dtype=dtype)
+    layer(x)
+    assert layer.quantizer.squared_error_of_last_forward(layer.weight) is None, \
+        f"{method}: the forward computed the squared error before the hash loss ever asked for it"
+    out = layer(x)
+    assert layer.quantizer.squared_error_of_last_forward(layer.weight) is not None, f"{method}: forward error not kept"
     params = [p for p in layer.quantizer.parameters()]
     fast = layer.hash_loss()
     fast_grads = torch.autograd.grad(fast, params, retain_graph=True)
@@ -319,6 +323,7 @@ def test_hash_loss_from_the_forward_codes_equals_the_reference(method, dtype):
 
 def test_hash_loss_is_recomputed_once_the_weight_changed_after_the_forward():
     layer = QuantConv2d(4, 8, 3, n_bits=2, n_functions=2).train()
+    layer.hash_loss()  # from now on the forward computes the error
     layer(torch.randn(2, 4, 6, 6))
     with torch.no_grad():
         layer.weight.mul_(2.0)

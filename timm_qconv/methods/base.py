@@ -28,7 +28,6 @@ from .._kernels import (
     nearest_lookup,
     nearest_lookup_codes,
     scale_grad,
-    squared_error_from_codes,
     straight_through,
 )
 from ..config import QuantConfig
@@ -108,20 +107,21 @@ class Quantizer(nn.Module):
         if not ste:
             q = self.quantize_rows(rows)
         elif self.nearest:  # one fused op, no copy of the gradient
-            levels = self.levels()[self.group_index]
-            q, codes = nearest_lookup_codes(scale_grad(levels, self.grad_scale(rows)), rows, ste=True)
+            q, _, error = nearest_lookup_codes(self.levels()[self.group_index], rows, ste=True,
+                                               grad_scale=self.grad_scale(rows), with_error=self.last_lookup.wanted)
             out = q.view(weight.shape).to(weight.dtype)
-            if codes is not None and out.requires_grad:
-                self.last_lookup.keep(self, weight, levels, codes, out)
+            if error is not None and out.requires_grad:
+                self.last_lookup.keep(self, weight, error, out)
             return out
         else:
             q = straight_through(scale_grad(self.quantize_rows(rows.detach()), self.grad_scale(rows)), rows)
         return q.view(weight.shape).to(weight.dtype)
 
     def squared_error_of_last_forward(self, weight: Tensor) -> Tensor | None:
-        """``sum((q - weight)**2)`` of this step's training forward, from the codes it found:
-        differentiable in the levels only, as the hash loss with weights detached. ``None`` when no
-        such forward is alive (its backward ran, or the weight or the levels changed since)."""
+        """``sum((q - weight)**2)`` as this step's training forward computed it with the quantized
+        weight: differentiable in the levels only, as the hash loss with weights detached. ``None``
+        when no such forward is alive (its backward ran, or the weight or the levels changed
+        since), and the first time it is asked for: from then on the forward computes it."""
         return self.last_lookup.squared_error(self, weight)
 
     def grad_scale(self, rows: Tensor) -> float:
@@ -186,40 +186,43 @@ class Quantizer(nn.Module):
 
 
 class LastLookup:
-    """What a quantizer's last training forward computed, for the hash loss to reuse.
+    """The squared rounding error that a quantizer's last training forward computed, for the hash loss.
 
-    The codes and the quantized weight are held weakly: autograd keeps them alive until that
-    forward's backward, and they are used only while the weight and the quantizer's parameters
-    keep the versions they had then. Copies and pickles of a quantizer start without it.
+    The forward computes it (one pass over the weights, and none in the backward, which scatters it
+    with the task gradient) only once the hash loss has asked for it (``wanted``), so that training
+    without the hash loss does not pay for it. It is used only while that forward's quantized
+    weight is alive (autograd keeps it until the backward) and the weight and the quantizer's
+    parameters keep the versions they had then. Copies and pickles of a quantizer start without it.
     """
 
-    __slots__ = ("levels", "codes", "out", "weight", "versions")
+    __slots__ = ("wanted", "error", "out", "weight", "versions")
 
     def __init__(self) -> None:
+        self.wanted = False
         self.clear()
 
     def clear(self) -> None:
-        self.levels = self.codes = self.out = self.weight = self.versions = None
+        self.error = self.out = self.weight = self.versions = None
 
     @staticmethod
     def _versions(quantizer: nn.Module, weight: Tensor) -> tuple[int, ...]:
         return (weight._version, *(p._version for p in quantizer.parameters()))
 
-    def keep(self, quantizer: nn.Module, weight: Tensor, levels: Tensor, codes: Tensor, out: Tensor) -> None:
-        self.levels, self.weight = levels, weight
-        self.codes, self.out = weakref.ref(codes), weakref.ref(out)
+    def keep(self, quantizer: nn.Module, weight: Tensor, error: Tensor, out: Tensor) -> None:
+        self.error, self.weight, self.out = error, weight, weakref.ref(out)
         self.versions = self._versions(quantizer, weight)
 
     def squared_error(self, quantizer: nn.Module, weight: Tensor) -> Tensor | None:
-        if self.levels is None or self.weight is not weight or self.versions != self._versions(quantizer, weight):
+        self.wanted = True
+        if self.error is None or self.weight is not weight or self.versions != self._versions(quantizer, weight):
             return None
-        codes, out = self.codes(), self.out()
-        if codes is None or out is None or not torch.is_grad_enabled():
+        if self.out() is None or not torch.is_grad_enabled():
             return None
-        return squared_error_from_codes(self.levels, out, weight.reshape(codes.shape), codes, 1.0)
+        return self.error
 
     def __getstate__(self) -> Any:
-        return (None,)  # weak references do not pickle; a copy recomputes
+        return (self.wanted,)  # a weak reference does not pickle; a copy recomputes
 
     def __setstate__(self, state: Any) -> None:
+        self.wanted = bool(state[0]) if state else False
         self.clear()
