@@ -12,7 +12,7 @@ from torch import nn
 import timm_qconv
 from timm_qconv import QuantConv2d, QuantLinear, get_method, hash_loss, list_methods, quantize_model, set_kernel_backend
 from timm_qconv._batched import BatchedPath, batched_path
-from timm_qconv._kernels import compiler_works, get_backend, set_backend
+from timm_qconv._kernels import compact_codes, compiler_works, get_backend, set_backend
 from timm_qconv.layers import WeightOverride
 
 
@@ -329,3 +329,35 @@ def test_hash_loss_is_recomputed_once_the_weight_changed_after_the_forward():
         layer.weight.mul_(2.0)
     assert layer.quantizer.squared_error_of_last_forward(layer.weight) is None, "stale codes reused after a weight edit"
     assert torch.allclose(layer.hash_loss(), reference_hash_loss(layer)), "hash loss after the edit differs"
+
+
+@pytest.mark.parametrize("n_levels", [2, 3, 4, 7, 8, 16, 17, 64])
+def test_codes_equal_a_binary_search_including_ties_and_repeated_levels(n_levels):
+    generator = torch.Generator().manual_seed(n_levels)
+    table = torch.sort(torch.randn(6, n_levels, generator=generator), 1).values
+    table[1, : n_levels // 2] = table[1, 0]  # repeated levels: several midpoints equal
+    rows = torch.randn(6, 300, generator=generator)
+    mids = (table[:, 1:] + table[:, :-1]) / 2
+    rows[:, :n_levels - 1] = mids  # weights exactly on a midpoint go to the lower level
+    rows[2, -1], rows[3, -1] = float("inf"), float("-inf")
+    expected = torch.searchsorted(mids.contiguous(), rows.contiguous())
+    codes = compact_codes(table, rows)
+    assert codes.dtype == torch.uint8, f"{n_levels} levels: codes of dtype {codes.dtype}, expected one byte each"
+    assert torch.equal(codes.long(), expected), f"{n_levels} levels: codes differ from torch.searchsorted"
+
+
+def test_reused_buffers_never_leak_into_results_kept_across_layers():
+    # Two layers of different sizes, forwards then backwards in the reverse order: each layer's
+    # weight and level gradients must equal those of the same layer run alone.
+    torch.manual_seed(0)
+    big, small = QuantConv2d(8, 16, 3, n_bits=4), QuantConv2d(4, 8, 3, n_bits=2)
+    alone = [copy.deepcopy(big), copy.deepcopy(small)]
+    for layer in (big, small, *alone):
+        layer.hash_loss()  # the forwards compute the squared error too
+    x_big, x_small = torch.randn(2, 8, 7, 7), torch.randn(2, 4, 7, 7)
+    (big(x_big).square().sum() + big.hash_loss() + small(x_small).sum() + small.hash_loss()).backward()
+    (alone[0](x_big).square().sum() + alone[0].hash_loss()).backward()
+    (alone[1](x_small).sum() + alone[1].hash_loss()).backward()
+    for shared, single in zip((big, small), alone):
+        for (name, a), b in zip(shared.named_parameters(), single.parameters()):
+            assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), f"{name}: gradient changed by another layer"

@@ -36,6 +36,7 @@ import contextlib
 import contextvars
 import functools
 import os
+import threading
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -146,7 +147,41 @@ def _use_compiled(table: Tensor) -> bool:
     return get_backend() == "compiled"
 
 
-class _NearestLookup(torch.autograd.Function):
+class _Scratch(threading.local):
+    """Per-thread CPU buffers for the eager kernels' temporaries, reused from layer to layer and
+    step to step. A fresh multi-megabyte tensor is new memory from the OS for every layer, and
+    its first write costs page faults: converting a large layer's codes to int64 into a fresh tensor
+    takes 3x the time of the same conversion into a reused one. Layers above
+    :data:`SCRATCH_MAX_NUMEL` weights allocate as usual (a model's largest layers bound what is kept).
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def like(self, x: Tensor, name: str, dtype: torch.dtype | None = None) -> Tensor:
+        """An uninitialised tensor of ``x``'s shape (and ``dtype``, default ``x``'s)."""
+        dtype = dtype or x.dtype
+        n = x.numel()
+        if x.device.type != "cpu" or n > SCRATCH_MAX_NUMEL or torch.compiler.is_compiling():
+            return torch.empty(x.shape, dtype=dtype, device=x.device)
+        buffer = self.buffers.get((name, dtype))
+        if buffer is None or buffer.numel() < n:
+            buffer = self.buffers[(name, dtype)] = torch.empty(n, dtype=dtype)
+        return buffer[:n].view(x.shape)
+
+    def index(self, codes: Tensor) -> Tensor:
+        """``codes`` as int64 (what ``gather``/``scatter`` take), valid until the next call."""
+        if codes.dtype == torch.int64:
+            return codes
+        return self.like(codes, "index", torch.int64).copy_(codes)
+
+
+_scratch = _Scratch()
+#: Layers with more weights than this use fresh buffers (so at most ~16 bytes x this are kept per thread).
+SCRATCH_MAX_NUMEL = 1 << 24
+
+
+class _Lookup(torch.autograd.Function):
     """Outputs the rounded weights ``q``, their codes (eager only) and, when asked, the squared
     rounding error ``sum((q - rows)**2)``.
 
@@ -158,20 +193,22 @@ class _NearestLookup(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, table: Tensor, rows: Tensor, ste: bool, grad_scale: float,
+    def forward(ctx: Any, table: Tensor, thresholds: Tensor | None, rows: Tensor, ste: bool, grad_scale: float,
                 with_error: bool) -> tuple[Tensor, Tensor, Tensor]:
         ctx.ste, ctx.grad_scale = ste, grad_scale
-        ctx.compiled = _use_compiled(table)
+        ctx.compiled = thresholds is None and _use_compiled(table)
         ctx.set_materialize_grads(False)
         if ctx.compiled:
             ctx.save_for_backward(table, rows)
             codes, error = rows.new_empty(0, dtype=torch.long), rows.new_empty(0)
             ctx.mark_non_differentiable(codes, error)
             return _compiled(table.shape[1])[0](rows, table), codes, error
-        codes = compact_codes(table, rows)  # one byte per weight kept until the backward, not eight
-        q = table.gather(1, codes.long())
+        # one byte per weight kept until the backward, not eight
+        codes = compact_codes(table, rows) if thresholds is None else threshold_codes(thresholds, rows)
+        q = table.gather(1, _scratch.index(codes))
         if with_error:
-            error = torch.nn.functional.mse_loss(q.float(), rows.float(), reduction="sum")
+            diff = torch.sub(q, rows, out=_scratch.like(rows, "diff")).view(-1)  # float32, as rows
+            error = torch.dot(diff, diff).float()
             ctx.save_for_backward(table, codes, q, rows)
         else:
             error = rows.new_empty(0)
@@ -182,7 +219,7 @@ class _NearestLookup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor | None, grad_codes: None,
-                 grad_error: Tensor | None) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+                 grad_error: Tensor | None) -> tuple[Tensor | None, None, Tensor | None, None, None, None]:
         grad_table = None
         if ctx.needs_input_grad[0]:
             table, codes, *error_inputs = ctx.saved_tensors
@@ -195,14 +232,17 @@ class _NearestLookup(torch.autograd.Function):
                 if grad_error is not None and error_inputs:
                     q, rows = error_inputs
                     error_grad = (grad_error * (2.0 / ctx.grad_scale)).to(q.dtype)
-                    error_term = q - rows
-                    combined = error_term.mul_(error_grad) if grad is None else grad.addcmul(error_term, error_grad)
+                    diff = torch.sub(q, rows, out=_scratch.like(q, "diff"))
+                    if grad is None:
+                        combined = diff.mul_(error_grad)
+                    else:
+                        combined = torch.addcmul(grad, diff, error_grad, out=diff)
                 grad_table = torch.zeros_like(table)
                 if combined is not None:
-                    grad_table.scatter_add_(1, codes.long(), combined.contiguous()).mul_(ctx.grad_scale)
+                    grad_table.scatter_add_(1, _scratch.index(codes), combined.contiguous()).mul_(ctx.grad_scale)
         # Straight through: the incoming gradient itself, not a copy, so that autograd can move it
         # into the weight's .grad without cloning.
-        return grad_table, (grad if ctx.ste else None), None, None, None
+        return grad_table, None, (grad if ctx.ste else None), None, None, None
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -230,26 +270,39 @@ def scale_grad(x: Tensor, factor: float) -> Tensor:
     return x.detach() + (x - x.detach()) * factor
 
 
+def threshold_codes(thresholds: Tensor, rows: Tensor) -> Tensor:
+    """Code of every weight of ``rows`` (C, K): the number of its row's ascending ``thresholds``
+    (C, L-1) strictly below it. uint8 for up to 255 thresholds, else int64.
+
+    With the midpoints of sorted levels as thresholds this is the index of the nearest level, ties
+    going to the lower one (:func:`compact_codes`). On a CPU, for up to :data:`CHAIN_MAX_LEVELS`
+    levels, each weight is compared with each threshold and the comparisons are summed: L-1
+    streaming passes that the vector units run far faster than ``torch.searchsorted``'s
+    per-element binary search. Elsewhere, and for more levels, a binary search: O(N log L), never
+    an (N x L) distance matrix.
+    """
+    thresholds = thresholds.detach().float()
+    rows = rows.detach().float()
+    n_levels = thresholds.shape[1] + 1
+    if n_levels <= CHAIN_MAX_LEVELS and rows.device.type == "cpu":
+        if torch.compiler.is_compiling():  # traced: the compiler fuses the comparisons itself
+            return sum(((rows > thresholds[:, j : j + 1]).to(torch.uint8) for j in range(n_levels - 1)),
+                       torch.zeros_like(rows, dtype=torch.uint8))
+        # Comparisons written as float32 0/1 vectorise; written as bool or integers they do not
+        # (about 3.5x slower per pass on AVX2), so count in float32 and narrow once at the end.
+        count, above = _scratch.like(rows, "count"), _scratch.like(rows, "above")
+        torch.gt(rows, thresholds[:, :1], out=count)
+        for j in range(1, n_levels - 1):
+            count += torch.gt(rows, thresholds[:, j : j + 1], out=above)
+        return count.to(torch.int32).to(torch.uint8)  # float32 -> uint8 directly is 3x slower
+    codes = torch.searchsorted(thresholds.contiguous(), rows.contiguous())
+    return codes.to(torch.uint8) if n_levels <= 256 else codes
+
+
 def compact_codes(table: Tensor, rows: Tensor) -> Tensor:
     """Index of the nearest level of every weight of ``rows`` (C, K) in its row of the sorted
-    ``table`` (C, L): the number of midpoints below it (ties go to the lower level). uint8 for up
-    to 256 levels, else int64.
-
-    On a CPU, for up to :data:`CHAIN_MAX_LEVELS` levels, each weight is compared with each midpoint
-    and the comparisons summed in uint8: L-1 streaming passes, which the vector units run 3-6x
-    faster than ``torch.searchsorted``'s per-element binary search (measured on timm resnet34's
-    21 M conv weights, 2 cores: 27 vs 219 ms at 4 levels, 143 vs 367 ms at 16). Elsewhere, and for
-    more levels, a binary search among the midpoints: O(N log L), never an (N x L) distance matrix.
-    """
-    mids = midpoints(table.detach().float())
-    rows = rows.detach().float()
-    if table.shape[1] <= CHAIN_MAX_LEVELS and rows.device.type == "cpu":
-        codes = torch.gt(rows, mids[:, :1]).view(torch.uint8)
-        for j in range(1, mids.shape[1]):
-            codes += torch.gt(rows, mids[:, j : j + 1]).view(torch.uint8)  # uint8 + uint8: no conversion pass
-        return codes
-    codes = torch.searchsorted(mids.contiguous(), rows.contiguous())
-    return codes.to(torch.uint8) if table.shape[1] <= 256 else codes
+    ``table`` (C, L), ties to the lower level; uint8 for up to 256 levels, else int64."""
+    return threshold_codes(midpoints(table.detach().float()), rows)
 
 
 def nearest_codes(table: Tensor, rows: Tensor) -> Tensor:
@@ -263,16 +316,22 @@ def nearest_lookup(table: Tensor, rows: Tensor, ste: bool = False) -> Tensor:
     Differentiable in ``table``; with ``ste=True`` the gradient also reaches ``rows`` straight
     through the rounding. Ties go to the lower level, as ``torch.searchsorted``.
     """
-    return nearest_lookup_codes(table, rows, ste)[0]
+    return lookup_codes(table, rows, ste=ste)[0]
 
 
-def nearest_lookup_codes(
-    table: Tensor, rows: Tensor, ste: bool = False, grad_scale: float = 1.0, with_error: bool = False,
+def lookup_codes(
+    table: Tensor, rows: Tensor, thresholds: Tensor | None = None, ste: bool = False, grad_scale: float = 1.0,
+    with_error: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """:func:`nearest_lookup`, the codes it found and the squared error ``sum((q - rows)**2)``.
+    """Each weight of ``rows`` (C, K) mapped to an entry of its row of ``table`` (C, L), with the
+    codes found and, when asked, the squared error ``sum((q - rows)**2)``.
 
     Args:
-        table, rows, ste: as :func:`nearest_lookup`.
+        table: the levels, differentiable.
+        rows: the weights.
+        thresholds: ascending ``(C, L-1)``: code = number of thresholds below the weight
+            (:func:`threshold_codes`); ``None``: the nearest level of the sorted ``table``.
+        ste: let the gradient reach ``rows`` straight through the rounding.
         grad_scale: factor on the gradient that ``q`` passes to ``table`` (not on the error's).
         with_error: also return the squared error, differentiable in ``table`` only (the hash
             loss with the weights detached); one pass more in the forward, none in the backward.
@@ -283,9 +342,10 @@ def nearest_lookup_codes(
     rows = (rows if ste else rows.detach()).contiguous()
     table = table.contiguous()
     needs_grad = torch.is_grad_enabled() and (table.requires_grad or (ste and rows.requires_grad))
-    if not needs_grad and not _use_compiled(table):
-        codes = nearest_codes(table, rows)
+    if not needs_grad and (thresholds is not None or not _use_compiled(table)):
+        codes = nearest_codes(table, rows) if thresholds is None else threshold_codes(thresholds, rows).long()
         q = table.gather(1, codes)
-        return q, codes, (torch.nn.functional.mse_loss(q, rows, reduction="sum") if with_error else None)
-    q, codes, error = _NearestLookup.apply(table, rows, ste, grad_scale, with_error)
+        error = torch.nn.functional.mse_loss(q.float(), rows.float(), reduction="sum") if with_error else None
+        return q, codes, error
+    q, codes, error = _Lookup.apply(table, thresholds, rows, ste, grad_scale, with_error)
     return q, (codes if codes.numel() else None), (error if error.ndim == 0 else None)

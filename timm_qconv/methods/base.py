@@ -22,14 +22,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .._groups import SortedGroups, as_rows, group_index
-from .._kernels import (
-    nearest_codes,
-    nearest_lookup,
-    nearest_lookup_codes,
-    scale_grad,
-    straight_through,
-)
+from .._groups import SortedGroups, as_rows, group_index, midpoints
+from .._kernels import lookup_codes, scale_grad, straight_through, threshold_codes
 from ..config import QuantConfig
 
 
@@ -45,8 +39,11 @@ class Quantizer(nn.Module):
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[QuantConfig]] = QuantConfig
-    #: True when every weight goes to its nearest level (enables the midpoint search in ``encode``).
+    #: True when every weight goes to its nearest level (the thresholds are the levels' midpoints).
     nearest: ClassVar[bool] = True
+    #: True when a weight's code is the number of :meth:`thresholds` below it (nearest methods and
+    #: ``linear``); such methods share the fused lookup and the hash loss from the forward.
+    thresholded: ClassVar[bool] = True
 
     def __init__(self, weight: Tensor, config: QuantConfig, stats: SortedGroups | None = None) -> None:
         super().__init__()
@@ -80,9 +77,22 @@ class Quantizer(nn.Module):
         """
         return torch.cat([q.levels() for q in quantizers])
 
+    def thresholds(self) -> Tensor:
+        """Per-group decision thresholds ``(G, L-1)``, ascending, of thresholded methods: a weight's
+        code is the number of thresholds below it. Nearest-level methods: the levels' midpoints."""
+        return midpoints(self.levels())
+
+    def observe(self, rows: Tensor) -> None:
+        """Read what the method needs from the ``(C, K)`` weights at every training forward (default: nothing)."""
+
     def encode(self, rows: Tensor) -> Tensor:
         """Integer code of every weight of the ``(C, K)`` matrix ``rows`` -> ``(C, K)`` int64."""
-        return nearest_codes(self.levels().detach()[self.group_index], rows)
+        return threshold_codes(self.thresholds().detach()[self.group_index], rows).long()
+
+    def _lookup(self, rows: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """:func:`~timm_qconv._kernels.lookup_codes` with this quantizer's levels and thresholds."""
+        thresholds = None if self.nearest else self.thresholds().detach()[self.group_index]
+        return lookup_codes(self.levels()[self.group_index], rows, thresholds, **kwargs)
 
     # ----------------------------------------------------------------- shared machinery
     def decode(self, codes: Tensor) -> Tensor:
@@ -91,9 +101,11 @@ class Quantizer(nn.Module):
 
     def quantize_rows(self, rows: Tensor) -> Tensor:
         """Quantize a ``(C, K)`` float32 matrix; gradients flow to the quantizer's parameters."""
-        if not self.nearest:
+        if self.training:
+            self.observe(rows)
+        if not self.thresholded:
             return self.decode(self.encode(rows))
-        return nearest_lookup(self.levels()[self.group_index], rows)
+        return self._lookup(rows)[0]
 
     def forward(self, weight: Tensor, ste: bool = False) -> Tensor:
         """The quantized weight, same shape and dtype.
@@ -106,9 +118,11 @@ class Quantizer(nn.Module):
         rows = as_rows(weight if ste else weight.detach()).float()
         if not ste:
             q = self.quantize_rows(rows)
-        elif self.nearest:  # one fused op, no copy of the gradient
-            q, _, error = nearest_lookup_codes(self.levels()[self.group_index], rows, ste=True,
-                                               grad_scale=self.grad_scale(rows), with_error=self.last_lookup.wanted)
+        elif self.thresholded:  # one fused op, no copy of the gradient
+            if self.training:
+                self.observe(rows)
+            q, _, error = self._lookup(rows, ste=True, grad_scale=self.grad_scale(rows),
+                                       with_error=self.last_lookup.wanted)
             out = q.view(weight.shape).to(weight.dtype)
             if error is not None and out.requires_grad:
                 self.last_lookup.keep(self, weight, error, out)

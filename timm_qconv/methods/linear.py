@@ -45,21 +45,12 @@ class LinearQuantizer(Quantizer):
     def levels(self) -> Tensor:
         return self.values
 
-    def encode(self, rows: Tensor) -> Tensor:
-        edges = self.thresholds()[self.group_index]
-        return torch.searchsorted(edges.contiguous(), rows.detach().float().contiguous())
-
     @torch.no_grad()
     def observe(self, rows: Tensor) -> None:
         """Re-read each group's range from the ``(C, K)`` weights."""
         lo, hi = torch.aminmax(rows.detach().float(), dim=1)
         self.low.fill_(float("inf")).scatter_reduce_(0, self.group_index, lo, "amin")
         self.high.fill_(float("-inf")).scatter_reduce_(0, self.group_index, hi, "amax")
-
-    def quantize_rows(self, rows: Tensor) -> Tensor:
-        if self.training:
-            self.observe(rows)
-        return super().quantize_rows(rows)
 
     @torch.no_grad()
     def fit_(self, stats: SortedGroups, n_iter: int, rows: Tensor | None = None) -> None:

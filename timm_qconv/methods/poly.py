@@ -47,6 +47,7 @@ class PolyQuantizer(Quantizer):
 
     config_class = PolyConfig
     nearest = False
+    thresholded = False
 
     def __init__(self, weight: Tensor, config: PolyConfig, stats: SortedGroups | None = None) -> None:
         super().__init__(weight, config, stats)
