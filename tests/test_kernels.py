@@ -331,7 +331,7 @@ def test_hash_loss_is_recomputed_once_the_weight_changed_after_the_forward():
     assert torch.allclose(layer.hash_loss(), reference_hash_loss(layer)), "hash loss after the edit differs"
 
 
-@pytest.mark.parametrize("n_levels", [2, 3, 4, 7, 8, 16, 17, 64])
+@pytest.mark.parametrize("n_levels", [2, 3, 4, 7, 8, 16, 17, 32, 33, 64, 100, 256, 300])
 def test_codes_equal_a_binary_search_including_ties_and_repeated_levels(n_levels):
     generator = torch.Generator().manual_seed(n_levels)
     table = torch.sort(torch.randn(6, n_levels, generator=generator), 1).values
@@ -342,7 +342,8 @@ def test_codes_equal_a_binary_search_including_ties_and_repeated_levels(n_levels
     rows[2, -1], rows[3, -1] = float("inf"), float("-inf")
     expected = torch.searchsorted(mids.contiguous(), rows.contiguous())
     codes = compact_codes(table, rows)
-    assert codes.dtype == torch.uint8, f"{n_levels} levels: codes of dtype {codes.dtype}, expected one byte each"
+    expected_dtype = torch.uint8 if n_levels <= 256 else torch.int64
+    assert codes.dtype == expected_dtype, f"{n_levels} levels: codes of dtype {codes.dtype}, expected {expected_dtype}"
     assert torch.equal(codes.long(), expected), f"{n_levels} levels: codes differ from torch.searchsorted"
 
 

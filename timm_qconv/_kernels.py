@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 import os
 import threading
 import warnings
@@ -272,31 +273,71 @@ def scale_grad(x: Tensor, factor: float) -> Tensor:
 
 def threshold_codes(thresholds: Tensor, rows: Tensor) -> Tensor:
     """Code of every weight of ``rows`` (C, K): the number of its row's ascending ``thresholds``
-    (C, L-1) strictly below it. uint8 for up to 255 thresholds, else int64.
+    (C, L-1) strictly below it. uint8 for up to 256 levels, else int64.
 
     With the midpoints of sorted levels as thresholds this is the index of the nearest level, ties
-    going to the lower one (:func:`compact_codes`). On a CPU, for up to :data:`CHAIN_MAX_LEVELS`
-    levels, each weight is compared with each threshold and the comparisons are summed: L-1
-    streaming passes that the vector units run far faster than ``torch.searchsorted``'s
-    per-element binary search. Elsewhere, and for more levels, a binary search: O(N log L), never
-    an (N x L) distance matrix.
+    going to the lower one (:func:`compact_codes`). On a CPU, eager, up to 256 levels: comparisons
+    with the thresholds, summed (:func:`_count_above`; in two stages beyond
+    :data:`CHAIN_MAX_LEVELS` levels), streaming passes that the vector units run several times
+    faster than ``torch.searchsorted``'s per-element binary search, which the other cases use:
+    O(N log L), never an (N x L) distance matrix.
     """
     thresholds = thresholds.detach().float()
     rows = rows.detach().float()
     n_levels = thresholds.shape[1] + 1
-    if n_levels <= CHAIN_MAX_LEVELS and rows.device.type == "cpu":
-        if torch.compiler.is_compiling():  # traced: the compiler fuses the comparisons itself
-            return sum(((rows > thresholds[:, j : j + 1]).to(torch.uint8) for j in range(n_levels - 1)),
-                       torch.zeros_like(rows, dtype=torch.uint8))
-        # Comparisons written as float32 0/1 vectorise; written as bool or integers they do not
-        # (about 3.5x slower per pass on AVX2), so count in float32 and narrow once at the end.
-        count, above = _scratch.like(rows, "count"), _scratch.like(rows, "above")
-        torch.gt(rows, thresholds[:, :1], out=count)
-        for j in range(1, n_levels - 1):
-            count += torch.gt(rows, thresholds[:, j : j + 1], out=above)
+    if rows.device.type == "cpu" and torch.compiler.is_compiling() and n_levels <= CHAIN_MAX_LEVELS:
+        # traced: the compiler fuses the comparisons itself
+        return sum(((rows > thresholds[:, j : j + 1]).to(torch.uint8) for j in range(n_levels - 1)),
+                   torch.zeros_like(rows, dtype=torch.uint8))
+    if rows.device.type == "cpu" and not torch.compiler.is_compiling() and n_levels <= 256:
+        if n_levels <= CHAIN_MAX_LEVELS:
+            count = _count_above(rows, thresholds)
+        else:
+            count = _count_above_in_blocks(rows, thresholds)
         return count.to(torch.int32).to(torch.uint8)  # float32 -> uint8 directly is 3x slower
     codes = torch.searchsorted(thresholds.contiguous(), rows.contiguous())
     return codes.to(torch.uint8) if n_levels <= 256 else codes
+
+
+def _count_above(rows: Tensor, thresholds: Tensor, name: str = "count") -> Tensor:
+    """Float32 count of each row's ``thresholds`` (C, T) below each weight of ``rows`` (C, K).
+
+    Comparisons written as float32 0/1 vectorise; written as bool or integers they do not (about
+    3.5x slower per pass on AVX2), so the count is kept in float32 (exact up to 2**24).
+    """
+    count, above = _scratch.like(rows, name), _scratch.like(rows, "above")
+    torch.gt(rows, thresholds[:, :1], out=count)
+    for j in range(1, thresholds.shape[1]):
+        count += torch.gt(rows, thresholds[:, j : j + 1], out=above)
+    return count
+
+
+def _count_above_in_blocks(rows: Tensor, thresholds: Tensor) -> Tensor:
+    """:func:`_count_above` for many thresholds, in ``O(sqrt(T))`` passes instead of ``T``.
+
+    The sorted thresholds are cut into blocks of ``B``. The last threshold of each block, compared
+    with every weight, gives the block ``b`` the weight falls in: all ``B * b`` thresholds before it
+    are below the weight, none after it. Then each weight is compared with the ``B - 1`` other
+    thresholds of its own block, fetched by ``gather``.
+    """
+    n_channels, n_thresholds = thresholds.shape
+    # A gather costs about five comparisons: blocks of about sqrt(T) / 2 balance the two stages.
+    block = max(2, round(math.sqrt(n_thresholds) / 2))
+    n_blocks = -(-(n_thresholds + 1) // block)
+    padded = thresholds.new_full((n_channels, n_blocks * block), float("inf"))
+    padded[:, :n_thresholds] = thresholds
+    padded = padded.view(n_channels, n_blocks, block)
+    blocks = _count_above(rows, padded[:, :-1, -1], "blocks")
+    index = _scratch.like(rows, "block_index", torch.int64).copy_(blocks)
+    by_position = padded.transpose(1, 2).contiguous()  # (C, B, n_blocks): gather from contiguous rows
+    count, above, threshold = (_scratch.like(rows, name) for name in ("count", "above", "threshold"))
+    for j in range(block - 1):
+        torch.gather(by_position[:, j], 1, index, out=threshold)
+        if j == 0:
+            torch.gt(rows, threshold, out=count)
+        else:
+            count += torch.gt(rows, threshold, out=above)
+    return count.add_(blocks, alpha=block)
 
 
 def compact_codes(table: Tensor, rows: Tensor) -> Tensor:
