@@ -15,6 +15,8 @@ A layer's output on input columns ``x`` is ``W x`` (im2col columns for a conv). 
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -45,6 +47,13 @@ class InputStats:
         self.count = 0
         #: moments about the means: the error left once a bias absorbs the mean shift (bias correction)
         self.centered = False
+        self._cache: dict[tuple, Tensor | float] = {}  # derived matrices, valid until the next add()
+
+    def _cached(self, key: str, compute: Any) -> Any:
+        full_key = (key, self.centered, self.count)
+        if full_key not in self._cache:
+            self._cache[full_key] = compute()
+        return self._cache[full_key]
 
     def columns(self, x: Tensor) -> Tensor:
         """The layer's input as ``(B, K, n)`` columns, float32."""
@@ -66,14 +75,15 @@ class InputStats:
     def add(self, x: Tensor, x_float: Tensor | None = None) -> None:
         """Add a batch of inputs ``x`` and, if given, the float model's inputs for the same samples."""
         cols = self.columns(x.to(self.h.device))
-        self.h += torch.bmm(cols, cols.transpose(1, 2)).double()
-        self.sum += cols.sum(2).double()
+        self.h += torch.bmm(cols, cols.transpose(1, 2))  # float32 products added into float64
+        self.sum += cols.sum(2)
         self.count += cols.shape[2]
         fcols = cols if x_float is None else self.columns(x_float.to(self.h.device))
         if x_float is not None:
-            cross = torch.bmm(fcols, cols.transpose(1, 2)).double()
-            self.cross = cross if self.cross is None else self.cross + cross
-        self.sum_float += fcols.sum(2).double()
+            if self.cross is None:
+                self.cross = torch.zeros_like(self.h)
+            self.cross += torch.bmm(fcols, cols.transpose(1, 2))
+        self.sum_float += fcols.sum(2)
         self.ref += float(torch.bmm(self.w, fcols).double().pow(2).sum())
 
     def mean(self) -> Tensor:
@@ -83,6 +93,9 @@ class InputStats:
         return (self.sum_float / max(self.count, 1)).float()
 
     def _h(self) -> Tensor:
+        return self._cached("h", self._compute_h)
+
+    def _compute_h(self) -> Tensor:
         h = self.h / max(self.count, 1)
         if self.centered:
             mean = self.sum / max(self.count, 1)
@@ -92,6 +105,9 @@ class InputStats:
     def _cross(self) -> Tensor:
         if self.cross is None:
             return self._h()
+        return self._cached("cross", self._compute_cross)
+
+    def _compute_cross(self) -> Tensor:
         cross = self.cross / max(self.count, 1)
         if self.centered:
             n = max(self.count, 1)
@@ -100,10 +116,13 @@ class InputStats:
 
     def gram(self) -> Tensor:
         """``H`` per column (about the mean if ``centered``), float32 ``(B, K, K)``."""
-        return self._h().float()
+        return self._cached("gram", lambda: self._h().float())
 
     def reference(self) -> float:
         """``sum |W f|^2`` per column (about the mean if ``centered``): the float output's energy."""
+        return self._cached("reference", self._compute_reference)
+
+    def _compute_reference(self) -> float:
         ref = self.ref / max(self.count, 1)
         if self.centered:
             ref -= float(torch.bmm(self.w.double(), (self.sum_float / max(self.count, 1))[..., None]).pow(2).sum())
@@ -128,11 +147,24 @@ class InputStats:
         return w + torch.cholesky_solve(rhs, chol).transpose(1, 2)
 
     def error(self, q: Tensor) -> float:
-        """``sum |W f - Q x|^2`` per column for quantized weights ``q`` ``(B, R, K)``."""
-        q = q.double()
-        linear = float((torch.bmm(self.w.double(), self._cross()) * q).sum())
-        quad = float((torch.bmm(q, self._h()) * q).sum())
-        return self.reference() - 2 * linear + quad
+        """``sum |W f - Q x|^2`` per column for quantized weights ``q`` ``(B, R, K)``.
+
+        Written around the float weights, ``|W f - Q x|^2 = const + tr((W - Q) H (W - Q)^T)
+        + 2 <W (H - C), Q>``, so that the one product per call (``K^2`` per row) is of the small
+        difference ``W - Q`` and float32 loses nothing that matters; the rest is computed once.
+        """
+        const, drift = self._cached("error_terms", self._error_terms)
+        d = self.w.float() - q.float()
+        quad = float((torch.bmm(d, self.gram()).double() * d.double()).sum())
+        return const + quad + 2 * float((drift * q.double()).sum())
+
+    def _error_terms(self) -> tuple[float, Tensor]:
+        w = self.w.float()
+        const = self.reference() - float((torch.bmm(w, self.gram()).double() * w.double()).sum())
+        if self.cross is None:
+            return const, torch.zeros_like(self.w, dtype=torch.float64)
+        # H - C is small (the float and quantized inputs are close): formed in float64 before the product
+        return const, torch.bmm(w, (self._h() - self._cross()).float()).double()
 
 
 def blocks(rows: Tensor, n_blocks: int) -> Tensor:
@@ -162,12 +194,15 @@ def damped_cholesky(h: Tensor, damp: float) -> Tensor:
 
 
 def inverse_cholesky(h: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` per block ``(B, K, K)``."""
-    hinv = torch.cholesky_inverse(damped_cholesky(h, damp))
-    u, info = torch.linalg.cholesky_ex(hinv, upper=True)
-    if bool(info.any()):  # float32 round-off on a badly conditioned H: redo this one in float64
-        u = torch.linalg.cholesky(torch.cholesky_inverse(damped_cholesky(h, damp).double()), upper=True).float()
-    return u
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1 = U^T U`` per block ``(B, K, K)``.
+
+    With ``J`` the order reversal and ``J H J = M M^T`` (lower ``M``), ``H = R R^T`` for the upper
+    ``R = J M J``, so ``H^-1 = R^-T R^-1`` and ``U = R^-1``: one Cholesky factorisation and one
+    triangular inverse, where inverting ``H`` and factorising the inverse would take three such steps.
+    """
+    upper = damped_cholesky(h.flip(1, 2), damp).flip(1, 2)
+    eye = torch.eye(h.shape[-1], dtype=upper.dtype, device=upper.device).expand_as(upper)
+    return torch.linalg.solve_triangular(upper, eye, upper=True)
 
 
 def gptq_factor(h: Tensor, act_order: bool, damp: float) -> tuple[Tensor | None, Tensor]:
@@ -202,19 +237,19 @@ def gptq_codes(w: Tensor, factor: tuple[Tensor | None, Tensor], tables: Tensor, 
         w = w.gather(2, perm[:, None, :].expand_as(w))
     mids = midpoints(tables).contiguous()
     picked = torch.empty(w.shape, dtype=torch.long, device=w.device)
+    inverse_diagonal = u.diagonal(dim1=1, dim2=2).reciprocal()[:, None, :]  # (B, 1, K)
     for start in range(0, k, block):
         stop = min(start + block, k)
         wb = w[..., start:stop].clone()
         errors = torch.empty_like(wb)
-        ub = u[:, start:stop, start:stop]
-        for j in range(stop - start):
-            col = wb[..., j]
-            c = torch.searchsorted(mids, col[..., None].contiguous()).squeeze(-1)
-            q = tables.gather(2, c[..., None]).squeeze(-1)
-            picked[..., start + j] = c
-            err = (col - q) / ub[:, j, j][:, None]
-            wb[..., j:] -= err[..., None] * ub[:, None, j, j:]
-            errors[..., j] = err
+        ub = u[:, None, start:stop, start:stop]
+        for j in range(stop - start):  # few ops per column: this loop runs once per weight column
+            col = wb[..., j : j + 1].contiguous()
+            c = torch.searchsorted(mids, col)
+            err = torch.sub(col, tables.gather(2, c), out=errors[..., j : j + 1])
+            err.mul_(inverse_diagonal[..., start + j : start + j + 1])
+            wb[..., j + 1 :].addcmul_(err, ub[:, :, j, j + 1 :], value=-1)
+            picked[..., start + j : start + j + 1] = c
         if stop < k:
             w[..., stop:] -= torch.bmm(errors, u[:, start:stop, stop:])
     if perm is not None:
@@ -242,21 +277,27 @@ def refit_levels(quantizer: Quantizer, w: Tensor, codes: Tensor, h: Tensor, ridg
     if design is None:
         return None
     n_blocks, n_rows, k = w.shape
-    n_groups, n_levels, _ = design.shape
-    gram = torch.zeros(n_groups, n_levels, n_levels, dtype=torch.float64, device=w.device)
-    rhs = torch.zeros(n_groups, n_levels, dtype=torch.float64, device=w.device)
+    n_groups, n_levels, n_params = design.shape
+    # The normal equations in the parameters: a = sum_r E_r^T H E_r and y = sum_r E_r^T H w_r, where
+    # E_r = D[g(r)][codes[r]] (K x P) is the design row of each weight's level. Working with E
+    # rather than the one-hot of the codes (K x L) costs C K^2 P, not C K^2 L: 2 vs 4 for a 2-bit
+    # hash basis, 1 vs 2**n - 1 for log's scale.
+    a = torch.zeros(n_groups, n_params, n_params, dtype=torch.float64, device=w.device)
+    y = torch.zeros(n_groups, n_params, dtype=torch.float64, device=w.device)
     group = blocks(quantizer.group_index[:, None], n_blocks)[..., 0]  # (B, R)
-    chunk = max(1, 2**22 // (k * n_levels))  # bounds the one-hot and its product with H to 16 MB each
+    design32 = design.float()
+    chunk = max(1, 2**22 // (k * n_params))  # bounds E and its product with H to 16 MB each
     for b in range(n_blocks):
         for rows in torch.arange(n_rows, device=w.device).split(chunk):
-            onehot = F.one_hot(codes[b, rows], n_levels).float()  # (r, K, L)
-            h_onehot = torch.matmul(h[b], onehot)  # (r, K, L)
-            gram.index_add_(0, group[b, rows], torch.matmul(onehot.transpose(1, 2), h_onehot).double())
-            rhs.index_add_(0, group[b, rows], torch.einsum("rkl,rk->rl", h_onehot, w[b, rows].float()).double())
+            r, g = rows.numel(), group[b, rows]
+            e = design32[g].gather(1, codes[b, rows, :, None].expand(r, k, n_params))  # (r, K, P)
+            # One (K, K) x (K, r*P) product: as r broadcast products with P columns each, it would
+            # read H once per row, memory-bound and ~20x slower on a CPU for a 4608-input conv.
+            he = (h[b] @ e.permute(1, 0, 2).reshape(k, r * n_params)).view(k, r, n_params).transpose(0, 1)
+            a.index_add_(0, g, torch.matmul(e.transpose(1, 2), he).double())
+            y.index_add_(0, g, torch.einsum("rkp,rk->rp", he, w[b, rows].float()).double())
     d = design.double()
     current = quantizer.levels().detach().double()
-    a = d.transpose(1, 2) @ gram @ d
-    y = (d.transpose(1, 2) @ rhs[..., None]).squeeze(-1)
     dtd = d.transpose(1, 2) @ d
     lam = ridge * (a.diagonal(dim1=1, dim2=2).sum(1) / dtd.diagonal(dim1=1, dim2=2).sum(1)).clamp_min(1e-30)
     a = a + lam[:, None, None] * dtd
