@@ -152,33 +152,39 @@ class _Scratch(threading.local):
     """Per-thread CPU buffers for the eager kernels' temporaries, reused from layer to layer and
     step to step. A fresh multi-megabyte tensor is new memory from the OS for every layer, and
     its first write costs page faults: converting a large layer's codes to int64 into a fresh tensor
-    takes 3x the time of the same conversion into a reused one. Layers above
-    :data:`SCRATCH_MAX_NUMEL` weights allocate as usual (a model's largest layers bound what is kept).
+    takes 3x the time of the same conversion into a reused one.
+
+    A buffer is a named slot of raw bytes, viewed as whatever dtype its user asks for; temporaries
+    that are never alive together share a slot (``"counts"``: the comparison counts, then the int64
+    codes; ``"work"``: one comparison, then the rounding error), so the slots cost about 12 bytes
+    per weight of the largest layer. Layers above :data:`SCRATCH_MAX_NUMEL` weights allocate as usual.
     """
 
     def __init__(self) -> None:
-        self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+        self.slots: dict[str, Tensor] = {}
 
-    def like(self, x: Tensor, name: str, dtype: torch.dtype | None = None) -> Tensor:
-        """An uninitialised tensor of ``x``'s shape (and ``dtype``, default ``x``'s)."""
+    def like(self, x: Tensor, slot: str, dtype: torch.dtype | None = None) -> Tensor:
+        """An uninitialised tensor of ``x``'s shape (and ``dtype``, default ``x``'s) in ``slot``,
+        valid until the slot's next use."""
         dtype = dtype or x.dtype
         n = x.numel()
         if x.device.type != "cpu" or n > SCRATCH_MAX_NUMEL or torch.compiler.is_compiling():
             return torch.empty(x.shape, dtype=dtype, device=x.device)
-        buffer = self.buffers.get((name, dtype))
-        if buffer is None or buffer.numel() < n:
-            buffer = self.buffers[(name, dtype)] = torch.empty(n, dtype=dtype)
-        return buffer[:n].view(x.shape)
+        n_bytes = n * dtype.itemsize
+        buffer = self.slots.get(slot)
+        if buffer is None or buffer.numel() < n_bytes:
+            buffer = self.slots[slot] = torch.empty(n_bytes, dtype=torch.uint8)
+        return buffer[:n_bytes].view(dtype).view(x.shape)
 
     def index(self, codes: Tensor) -> Tensor:
-        """``codes`` as int64 (what ``gather``/``scatter`` take), valid until the next call."""
+        """``codes`` as int64 (what ``gather``/``scatter`` take), in slot ``"counts"``."""
         if codes.dtype == torch.int64:
             return codes
-        return self.like(codes, "index", torch.int64).copy_(codes)
+        return self.like(codes, "counts", torch.int64).copy_(codes)
 
 
 _scratch = _Scratch()
-#: Layers with more weights than this use fresh buffers (so at most ~16 bytes x this are kept per thread).
+#: Layers with more weights than this use fresh buffers (bounds what the slots keep per thread).
 SCRATCH_MAX_NUMEL = 1 << 24
 
 
@@ -208,7 +214,7 @@ class _Lookup(torch.autograd.Function):
         codes = compact_codes(table, rows) if thresholds is None else threshold_codes(thresholds, rows)
         q = table.gather(1, _scratch.index(codes))
         if with_error:
-            diff = torch.sub(q, rows, out=_scratch.like(rows, "diff")).view(-1)  # float32, as rows
+            diff = torch.sub(q, rows, out=_scratch.like(rows, "work")).view(-1)  # float32, as rows
             error = torch.dot(diff, diff).float()
             ctx.save_for_backward(table, codes, q, rows)
         else:
@@ -233,7 +239,7 @@ class _Lookup(torch.autograd.Function):
                 if grad_error is not None and error_inputs:
                     q, rows = error_inputs
                     error_grad = (grad_error * (2.0 / ctx.grad_scale)).to(q.dtype)
-                    diff = torch.sub(q, rows, out=_scratch.like(q, "diff"))
+                    diff = torch.sub(q, rows, out=_scratch.like(q, "work"))
                     if grad is None:
                         combined = diff.mul_(error_grad)
                     else:
@@ -299,13 +305,13 @@ def threshold_codes(thresholds: Tensor, rows: Tensor) -> Tensor:
     return codes.to(torch.uint8) if n_levels <= 256 else codes
 
 
-def _count_above(rows: Tensor, thresholds: Tensor, name: str = "count") -> Tensor:
+def _count_above(rows: Tensor, thresholds: Tensor, slot: str = "counts") -> Tensor:
     """Float32 count of each row's ``thresholds`` (C, T) below each weight of ``rows`` (C, K).
 
     Comparisons written as float32 0/1 vectorise; written as bool or integers they do not (about
     3.5x slower per pass on AVX2), so the count is kept in float32 (exact up to 2**24).
     """
-    count, above = _scratch.like(rows, name), _scratch.like(rows, "above")
+    count, above = _scratch.like(rows, slot), _scratch.like(rows, "work")
     torch.gt(rows, thresholds[:, :1], out=count)
     for j in range(1, thresholds.shape[1]):
         count += torch.gt(rows, thresholds[:, j : j + 1], out=above)
@@ -330,7 +336,7 @@ def _count_above_in_blocks(rows: Tensor, thresholds: Tensor) -> Tensor:
     blocks = _count_above(rows, padded[:, :-1, -1], "blocks")
     index = _scratch.like(rows, "block_index", torch.int64).copy_(blocks)
     by_position = padded.transpose(1, 2).contiguous()  # (C, B, n_blocks): gather from contiguous rows
-    count, above, threshold = (_scratch.like(rows, name) for name in ("count", "above", "threshold"))
+    count, above, threshold = (_scratch.like(rows, slot) for slot in ("counts", "work", "thresholds"))
     for j in range(block - 1):
         torch.gather(by_position[:, j], 1, index, out=threshold)
         if j == 0:
