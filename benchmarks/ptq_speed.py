@@ -91,7 +91,7 @@ def main() -> None:
     for _ in range(args.repeats):
         base.append(baseline_seconds(ws, 4))
         start = time.perf_counter()
-        BitQuantizer(model, 32, 4, method="hash").train_hash_functions(n_iter=50)
+        BitQuantizer(model, 32, 4, layers=("conv", "linear"), method="hash").train_hash_functions(n_iter=50)
         fit.append(time.perf_counter() - start)
     print(f"speed (4 bits, 50 iterations, hash): fit {statistics.median(fit):.2f} s, "
           f"sort + bucketize {statistics.median(base):.2f} s, "
@@ -102,7 +102,8 @@ def main() -> None:
         opt = optimum(ws, n_bits, 32)
         row = [f"{n_bits:>4}", f"{opt:9.5f}"]
         for method in ("hash", "kmeans"):
-            err = BitQuantizer(model, 32, n_bits, method=method).train_hash_functions(50).report().rel_error
+            bq = BitQuantizer(model, 32, n_bits, layers=("conv", "linear"), method=method).train_hash_functions(50)
+            err = bq.report().rel_error
             row += [f"{err:9.5f}", f"{err / opt:9.4f}" + (" " if method == "kmeans" else "")]
         if args.check_exact and n_bits <= 4:  # the exact program costs O(L n^2)
             row.append(f"  Lloyd-Max above exact on 4608-weight groups: +{check_exact(ws, n_bits, 32):.1%}")
