@@ -189,7 +189,7 @@ def test_distillation_loss_is_cross_entropy_at_weight_0_and_matches_the_teacher_
 
 @pytest.mark.parametrize("flags, recorded", [
     (["--distill-weight", "0.7", "--distill-temperature", "3"], {"distill_weight": 0.7, "distill_temperature": 3.0}),
-    (["--hash-wrt-weights"], {"hash_wrt_weights": True}),
+    (["--no-hash-wrt-weights"], {"hash_wrt_weights": False}),  # on by default for LeNet
     (["--level-lr-scale", "10"], {"level_lr_scale": 10.0}),
 ])
 def test_each_qat_option_changes_the_qat_run_and_binds_its_checkpoint(flags, recorded, lenet_run, fashion_dir,
