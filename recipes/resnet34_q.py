@@ -80,8 +80,13 @@ class Config:
     lr: float = option(0.05, "peak SGD learning rate of float training, cosine-decayed to 0")
     qat_lr: float = option(0.01, "peak learning rate of QAT fine-tuning")
     weight_decay: float = option(5e-4, "weight decay (never on the quantizer's levels)")
+    level_lr_scale: float = option(1.0, "QAT: the quantizer levels' learning rate, as a multiple of the weights'")
     hash_weight: float = option(1.0, "weight of the hash loss after warm-up")
     warmup_steps: int = option(200, "steps of linear warm-up of the hash loss's weight")
+    hash_wrt_weights: bool = option(False, "the hash loss also pulls the float weights towards their levels")
+    distill_weight: float = option(0.0, "QAT: weight a of distillation from the float model, "
+                                        "loss = (1-a) CE + a T^2 KL(teacher/T || student/T); 0: none")
+    distill_temperature: float = option(1.0, "QAT: temperature T of the distillation")
     ptq_iters: int = option(50, "BitQuantizer fitting iterations")
     qat_from_scratch: bool = option(False, "QAT from random weights instead of the float run's")
     output_dir: str = option("runs/resnet34_q", "where results, models, checkpoints and charts go")
@@ -96,8 +101,11 @@ class Config:
                   "n_functions": self.n_functions >= 1, "epochs": self.epochs >= 1, "qat_epochs": self.qat_epochs >= 1,
                   "max_steps": self.max_steps >= 0, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
                   "qat_lr": self.qat_lr > 0, "train_subset": self.train_subset >= 0, "ptq_iters": self.ptq_iters >= 1,
-                  "num_workers": self.num_workers >= 0, "layers": set(self.layers.split(",")) <= {"conv", "linear"}}
-        allowed = {"bits": "1..8 (one or more)", "layers": "conv, linear or conv,linear"}
+                  "num_workers": self.num_workers >= 0, "layers": set(self.layers.split(",")) <= {"conv", "linear"},
+                  "level_lr_scale": self.level_lr_scale >= 0, "distill_weight": 0 <= self.distill_weight <= 1,
+                  "distill_temperature": self.distill_temperature > 0}
+        allowed = {"bits": "1..8 (one or more)", "layers": "conv, linear or conv,linear", "distill_weight": "0..1",
+                   "level_lr_scale": ">= 0"}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not allowed; expected "
@@ -193,8 +201,17 @@ def settings_of(cfg: Config, run: str) -> dict[str, Any]:
     keys = ("model", "small_stem", "dataset", "train_subset", "crop", "batch_size", "seed")
     if run != "float":
         keys += ("method", "n_functions", "layers", "skip_first_last", "qat_from_scratch", "hash_weight",
-                 "warmup_steps")
+                 "warmup_steps", "hash_wrt_weights", "distill_weight", "distill_temperature",
+                 "level_lr_scale")
     return {"run": run, **{k: getattr(cfg, k, None) for k in keys}}
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, weight: float,
+                      temperature: float) -> torch.Tensor:
+    """``(1 - weight) * CE + weight * T^2 * KL(teacher || student)`` at temperature T (Hinton et al., 2015)."""
+    soft = F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(teacher_logits / temperature, -1),
+                    reduction="batchmean", log_target=True)
+    return (1 - weight) * F.cross_entropy(logits, labels) + weight * temperature**2 * soft
 
 
 def save_checkpoint(accelerator: Accelerator, path: Path, meta: dict[str, Any]) -> None:
@@ -212,27 +229,34 @@ def save_checkpoint(accelerator: Accelerator, path: Path, meta: dict[str, Any]) 
 
 
 def train(cfg: Config, run: str, model: nn.Module, data: tuple[ImageTensors, ImageTensors], epochs: int, lr: float,
-          n_bits: int | None, history: list[dict[str, Any]]) -> tuple[nn.Module, float, Accelerator, DataLoader]:
+          n_bits: int | None, history: list[dict[str, Any]], teacher: nn.Module | None = None,
+          ) -> tuple[nn.Module, float, Accelerator, DataLoader]:
     """Train ``model`` (in float, or with the hash loss when ``n_bits`` is set); checkpoint every epoch.
+
+    With a ``teacher`` (QAT with ``--distill-weight``), the task loss is :func:`distillation_loss` from its outputs.
 
     Returns the trained model (unwrapped), its test accuracy, and the run's accelerator and test loader.
     """
     accelerator = new_accelerator()
     callbacks = [] if n_bits is None else [HashLossCallback(  # QAT
         method=cfg.method, n_bits=n_bits, n_functions=cfg.n_functions, layers=tuple(cfg.layers.split(",")),
-        skip_first_last=cfg.skip_first_last, loss_weight=cfg.hash_weight, warmup_steps=cfg.warmup_steps)]
+        skip_first_last=cfg.skip_first_last, loss_weight=cfg.hash_weight, warmup_steps=cfg.warmup_steps,
+        wrt_weights=cfg.hash_wrt_weights)]
     handler = CallbackHandler(callbacks, accelerator, max_steps=cfg.max_steps or None)
     model = handler.on_init(model)  # QAT: converts the layers before the optimizer exists
     levels = {id(p) for c in callbacks for p in c.quantizer_parameters()}
     optimizer = torch.optim.SGD([
         {"params": [p for p in model.parameters() if id(p) not in levels], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in model.parameters() if id(p) in levels], "weight_decay": 0.0},
+        {"params": [p for p in model.parameters() if id(p) in levels], "weight_decay": 0.0,
+         "lr_scale": cfg.level_lr_scale},
     ], lr=lr, momentum=0.9, nesterov=True)
     train_set, test_set = data
     per_process = cfg.batch_size // accelerator.num_processes
     train_loader = DataLoader(train_set, per_process, shuffle=True, drop_last=True, num_workers=cfg.num_workers)
     test_loader = DataLoader(test_set, max(per_process, 256), num_workers=cfg.num_workers)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    if teacher is not None:
+        teacher = teacher.to(accelerator.device).eval()
 
     checkpoint = Path(cfg.output_dir) / "checkpoints" / run
     settings = settings_of(cfg, run)
@@ -266,8 +290,14 @@ def train(cfg: Config, run: str, model: nn.Module, data: tuple[ImageTensors, Ima
         for images, labels in bar:
             step_lr = 0.5 * lr * (1 + math.cos(math.pi * handler.state.global_step / total_steps))
             for group in optimizer.param_groups:
-                group["lr"] = step_lr
-            task_loss = F.cross_entropy(model(images), labels)
+                group["lr"] = step_lr * group.get("lr_scale", 1.0)
+            logits = model(images)
+            if teacher is None:
+                task_loss = F.cross_entropy(logits, labels)
+            else:
+                with torch.no_grad():
+                    taught = teacher(images)
+                task_loss = distillation_loss(logits, taught, labels, cfg.distill_weight, cfg.distill_temperature)
             loss = handler.on_loss(task_loss)  # QAT: adds the weighted hash loss
             accelerator.backward(loss)
             optimizer.step()
@@ -359,12 +389,14 @@ def run_all(cfg: Config, build_model: Callable[[Config, DatasetInfo], nn.Module]
             plot_levels_over_weights(first_groups(layers), out / f"levels_{run}.png", title=run)
         accelerator.wait_for_everyone()
         finish(run, "ptq", n_bits, accuracy, out / run / "model.safetensors")
+    # The float model, frozen in eval mode, teaches the QAT runs when --distill-weight is set.
+    teacher = copy.deepcopy(float_model).eval() if cfg.distill_weight and float_model is not None else None
     for n_bits in cfg.qat_bits if cfg.mode in ("all", "qat") else ():
         run = f"qat-{n_bits}bit"
         set_seed(cfg.seed)
         start = build_model(cfg, train_set.info) if cfg.qat_from_scratch else copy.deepcopy(float_model)
         epochs, lr = (cfg.epochs, cfg.lr) if cfg.qat_from_scratch else (cfg.qat_epochs, cfg.qat_lr)
-        model, accuracy, acc, _ = train(cfg, run, start, data, epochs, lr, n_bits, results["epochs"])
+        model, accuracy, acc, _ = train(cfg, run, start, data, epochs, lr, n_bits, results["epochs"], teacher)
         if main:
             save_quantized(model, out / run)
             layers = [(name, layer.weight, layer.quantizer) for name, layer in quantized_layers(model)]

@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import pickle
+import shutil
 import socket
 import struct
 import subprocess
@@ -167,6 +168,49 @@ def test_two_processes_reach_the_one_process_results(lenet_run, fashion_dir, tmp
     assert proc.stdout.count("levels identical on all 2 processes") == 2, proc.stdout[-2000:]
 
 
+def test_distillation_loss_is_cross_entropy_at_weight_0_and_matches_the_teacher_at_weight_1():
+    sys.path.insert(0, str(RECIPES))
+    try:
+        from resnet34_q import distillation_loss
+    finally:
+        sys.path.remove(str(RECIPES))
+    torch.manual_seed(0)
+    logits, teacher, labels = torch.randn(8, 10, requires_grad=True), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    assert torch.allclose(distillation_loss(logits, teacher, labels, 0.0, 4.0), ce), "weight 0: plain cross-entropy"
+    assert float(distillation_loss(teacher, teacher, labels, 1.0, 4.0)) < 1e-6, "weight 1: zero at the teacher's logits"
+    kl = torch.nn.functional.kl_div(torch.log_softmax(logits / 2, -1), torch.softmax(teacher / 2, -1),
+                                    reduction="batchmean")
+    assert torch.allclose(distillation_loss(logits, teacher, labels, 0.25, 2.0), 0.75 * ce + 0.25 * 4 * kl)
+    distillation_loss(logits, teacher, labels, 1.0, 2.0).backward()
+    gap = [(x.softmax(-1) - teacher.softmax(-1)).abs().sum() for x in (logits.detach(), logits.detach() - logits.grad)]
+    assert gap[1] < gap[0], f"a gradient step must move the student's probabilities towards the teacher's: {gap}"
+
+
+@pytest.mark.parametrize("flags, recorded", [
+    (["--distill-weight", "0.7", "--distill-temperature", "3"], {"distill_weight": 0.7, "distill_temperature": 3.0}),
+    (["--no-hash-wrt-weights"], {"hash_wrt_weights": False}),  # on by default for LeNet
+    (["--level-lr-scale", "10"], {"level_lr_scale": 10.0}),
+])
+def test_each_qat_option_changes_the_qat_run_and_binds_its_checkpoint(flags, recorded, lenet_run, fashion_dir,
+                                                                      tmp_path):
+    out = tmp_path / "variant"
+    shutil.copytree(lenet_run, out)
+    shutil.rmtree(out / "checkpoints" / "qat-2bit")
+    args = ["--data-dir", str(fashion_dir), "--mode", "qat", "--resume", "--epochs", "2", "--qat-epochs", "1",
+            "--qat-bits", "2", "--output-dir", str(out), *TINY]
+    proc = run("lenet_q.py", *args, *flags)
+    assert "nothing left to train" in proc.stdout, "the float run is reused, not trained again"
+    # The checkpoints hold the float weights and the levels (a few steps need not change the export's codes).
+    plain, variant = (load_file(d / "checkpoints" / "qat-2bit" / "model.safetensors") for d in (lenet_run, out))
+    assert any(not torch.equal(plain[k], variant[k]) for k in plain), f"{flags} must change the QAT run"
+    settings = json.loads((out / "checkpoints" / "qat-2bit" / "run.json").read_text())["settings"]
+    assert {k: settings[k] for k in recorded} == recorded, settings
+    proc = run("lenet_q.py", *args, expect_ok=False)
+    assert proc.returncode != 0 and all(k in proc.stderr for k in recorded), \
+        f"resuming without {flags} must refuse, naming the option: {proc.stderr[-1000:]}"
+
+
 def test_resnet_recipe_on_cifar_then_ptq_recipe_from_its_output(cifar_dir, tmp_path):
     trained = tmp_path / "resnet"
     run("resnet34_q.py", "--model", "resnet18", "--data-dir", str(cifar_dir), "--mode", "float", "--epochs", "1",
@@ -207,6 +251,9 @@ def test_ptq_recipe_on_an_image_folder_calibrated(tmp_path):
     (["--mode", "both"], "--mode"),
     (["--batch-size", "0"], "--batch-size"),
     (["--layers", "conv,attention"], "--layers"),
+    (["--distill-weight", "1.5"], "--distill-weight"),
+    (["--distill-temperature", "0"], "--distill-temperature"),
+    (["--level-lr-scale", "-1"], "--level-lr-scale"),
 ])
 def test_bad_flags_are_one_clear_error(flags, message, capsys):
     sys.path.insert(0, str(RECIPES))
