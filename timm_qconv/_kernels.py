@@ -7,9 +7,10 @@ the incoming gradient over the weights that took each level; the weights get no 
 
 Backends:
 
-* ``"eager"`` (default): codes by comparison with the midpoints on a CPU (up to 16 levels), by
-  ``torch.searchsorted`` elsewhere, then ``gather``; the codes are saved for the backward (one
-  byte each) and reused by the hash loss.
+* ``"eager"`` (default): codes by comparison with the thresholds on a CPU (in two stages above
+  16 levels; :func:`threshold_codes`), by ``torch.searchsorted`` elsewhere, then ``gather``; the
+  codes are saved for the backward (one byte each), and the hash loss's squared error is an output
+  of the same autograd node (:class:`_Lookup`), so one scatter gives the levels both gradients.
 * ``"compiled"``: the same maths through ``torch.compile``, fused into one pass over the weights
   forward and one backward, with nothing saved. On a CPU, where QAT of a small-input model is
   bound by passes over the weights, this is what brings the overhead near the cost of a copy of
@@ -49,7 +50,8 @@ from ._groups import midpoints
 
 BACKENDS = ("auto", "eager", "compiled")
 MAX_COMPILED_LEVELS = 16
-#: Up to this many levels, the eager kernels find codes on a CPU by comparisons (see compact_codes).
+#: Up to this many levels, the eager kernels count the thresholds below each weight one by one on a
+#: CPU; above it, in two stages (see threshold_codes).
 CHAIN_MAX_LEVELS = 16
 #: "auto" compiles for up to 3 bits: for resnet34 that takes about a minute, 4 bits several.
 AUTO_MAX_LEVELS = 8
