@@ -212,8 +212,7 @@ class _Lookup(torch.autograd.Function):
             codes, error = rows.new_empty(0, dtype=torch.long), rows.new_empty(0)
             ctx.mark_non_differentiable(codes, error)
             return _compiled(table.shape[1])[0](rows, table), codes, error
-        # one byte per weight kept until the backward, not eight
-        codes = compact_codes(table, rows) if thresholds is None else threshold_codes(thresholds, rows)
+        codes = _codes(table, thresholds, rows)  # one byte per weight kept until the backward, not eight
         q = table.gather(1, _scratch.index(codes))
         if with_error:
             diff = torch.sub(q, rows, out=_scratch.like(rows, "work")).view(-1)  # float32, as rows
@@ -231,10 +230,10 @@ class _Lookup(torch.autograd.Function):
                  grad_error: Tensor | None) -> tuple[Tensor | None, None, Tensor | None, None, None, None]:
         grad_table = None
         if ctx.needs_input_grad[0]:
-            table, codes, *error_inputs = ctx.saved_tensors
+            table, saved, *error_inputs = ctx.saved_tensors  # saved: the codes, or the rows if compiled
             if ctx.compiled:
-                grad = torch.zeros_like(codes) if grad is None else grad.contiguous()
-                grad_table = _compiled(table.shape[1])[1](codes, table, grad) * ctx.grad_scale
+                grad = torch.zeros_like(saved) if grad is None else grad.contiguous()
+                grad_table = _compiled(table.shape[1])[1](saved, table, grad) * ctx.grad_scale
             else:
                 # Scaled after the scatter (a (C, L) table), not before it (the (C, K) weights).
                 combined = grad
@@ -248,7 +247,7 @@ class _Lookup(torch.autograd.Function):
                         combined = torch.addcmul(grad, diff, error_grad, out=diff)
                 grad_table = torch.zeros_like(table)
                 if combined is not None:
-                    grad_table.scatter_add_(1, _scratch.index(codes), combined.contiguous()).mul_(ctx.grad_scale)
+                    grad_table.scatter_add_(1, _scratch.index(saved), combined.contiguous()).mul_(ctx.grad_scale)
         # Straight through: the incoming gradient itself, not a copy, so that autograd can move it
         # into the weight's .grad without cloning.
         return grad_table, None, (grad if ctx.ste else None), None, None, None
@@ -359,6 +358,11 @@ def nearest_codes(table: Tensor, rows: Tensor) -> Tensor:
     return compact_codes(table, rows).long()
 
 
+def _codes(table: Tensor, thresholds: Tensor | None, rows: Tensor) -> Tensor:
+    """:func:`threshold_codes` with ``thresholds``, or :func:`compact_codes` (nearest level) if ``None``."""
+    return compact_codes(table, rows) if thresholds is None else threshold_codes(thresholds, rows)
+
+
 def nearest_lookup(table: Tensor, rows: Tensor, ste: bool = False) -> Tensor:
     """Round each weight of ``rows`` (C, K) to the nearest level of its row of ``table`` (C, L, sorted).
 
@@ -386,15 +390,14 @@ def lookup_codes(
             loss with the weights detached); one pass more in the forward, none in the backward.
     Returns:
         ``(q, codes, error)``; ``codes`` is ``None`` where the compiled kernel found none, and
-        ``error`` where it was not asked for or the compiled kernel ran.
+        ``error`` where it was not asked for, the compiled kernel ran, or no gradient is needed
+        (the error only serves the hash loss's backward).
     """
     rows = (rows if ste else rows.detach()).contiguous()
     table = table.contiguous()
     needs_grad = torch.is_grad_enabled() and (table.requires_grad or (ste and rows.requires_grad))
     if not needs_grad and (thresholds is not None or not _use_compiled(table)):
-        codes = nearest_codes(table, rows) if thresholds is None else threshold_codes(thresholds, rows).long()
-        q = table.gather(1, codes)
-        error = torch.nn.functional.mse_loss(q.float(), rows.float(), reduction="sum") if with_error else None
-        return q, codes, error
+        codes = _codes(table, thresholds, rows).long()
+        return table.gather(1, codes), codes, None
     q, codes, error = _Lookup.apply(table, thresholds, rows, ste, grad_scale, with_error)
     return q, (codes if codes.numel() else None), (error if error.ndim == 0 else None)
