@@ -93,6 +93,7 @@ class Config:
     resume: bool = option(False, "continue every run from its checkpoint in --output-dir")
     seed: int = option(0, "random seed (weights, data order, augmentation)")
     num_workers: int = option(2, "dataloader workers per process")
+    channels_last: bool = option(False, "keep images and weights channels-last (faster convolutions)")
 
     def __post_init__(self) -> None:
         self.ptq_bits, self.qat_bits = self.ptq_bits or list(self.bits), self.qat_bits or list(self.bits)
@@ -119,6 +120,8 @@ class TimmConfig(Config):
     model: str = option("resnet34", "any timm model name")
     pretrained: bool = option(False, "start from timm's pretrained weights (downloads them)")
     small_stem: bool | None = option(None, "3x3 stride-1 first conv, no max-pool (default: on for <=32-pixel data)")
+    # A resnet18 training step on 28x28 images: 2.67 s contiguous, 2.32 s channels-last (2 CPU cores).
+    channels_last: bool = option(True, "keep images and weights channels-last (faster convolutions)")
 
 
 def parse_args(config_class: type = TimmConfig, argv: list[str] | None = None, doc: str = __doc__) -> Any:
@@ -244,6 +247,8 @@ def train(cfg: Config, run: str, model: nn.Module, data: tuple[ImageTensors, Ima
         wrt_weights=cfg.hash_wrt_weights)]
     handler = CallbackHandler(callbacks, accelerator, max_steps=cfg.max_steps or None)
     model = handler.on_init(model)  # QAT: converts the layers before the optimizer exists
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     levels = {id(p) for c in callbacks for p in c.quantizer_parameters()}
     optimizer = torch.optim.SGD([
         {"params": [p for p in model.parameters() if id(p) not in levels], "weight_decay": cfg.weight_decay},
@@ -288,6 +293,7 @@ def train(cfg: Config, run: str, model: nn.Module, data: tuple[ImageTensors, Ima
         skip = 0
         handler.on_epoch_begin()
         for images, labels in bar:
+            images = images.contiguous(memory_format=memory_format)
             step_lr = 0.5 * lr * (1 + math.cos(math.pi * handler.state.global_step / total_steps))
             for group in optimizer.param_groups:
                 group["lr"] = step_lr * group.get("lr_scale", 1.0)

@@ -212,11 +212,22 @@ def test_each_qat_option_changes_the_qat_run_and_binds_its_checkpoint(flags, rec
 
 
 def test_resnet_recipe_on_cifar_then_ptq_recipe_from_its_output(cifar_dir, tmp_path):
+    import timm
+
+    from timm_qconv import load_quantized
+
     trained = tmp_path / "resnet"
-    run("resnet34_q.py", "--model", "resnet18", "--data-dir", str(cifar_dir), "--mode", "float", "--epochs", "1",
-        "--output-dir", str(trained), *TINY[:2], "--num-workers", "0")
+    # Channels-last by default: QAT converts, trains and exports channels-last weights.
+    run("resnet34_q.py", "--model", "resnet18", "--data-dir", str(cifar_dir), "--mode", "qat", "--epochs", "1",
+        "--qat-epochs", "1", "--bits", "2", "--n-functions", "4", "--output-dir", str(trained), *TINY[:2],
+        "--num-workers", "0")
     weights = load_file(trained / "float" / "model.safetensors")
     assert weights["conv1.weight"].shape[-2:] == (3, 3), "the small-image stem: a 3x3 first conv for 32-pixel data"
+    assert set(results(trained)["final"]) == {"float", "qat-2bit"}
+    model = timm.create_model("resnet18", num_classes=10)
+    model.conv1, model.maxpool = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False), torch.nn.Identity()
+    loaded = load_quantized(trained / "qat-2bit", model)
+    assert loaded.layer4[1].conv2.weight.unique().numel() <= 4 * 4, "4 groups of 2-bit levels"
     ptq = tmp_path / "ptq"
     proc = run("ptq_timm.py", "--from-run", str(trained), "--data-dir", str(cifar_dir), "--bits", "4", "2",
                "--n-functions", "4", "--output-dir", str(ptq))
