@@ -175,3 +175,27 @@ def test_bad_n_iter_and_nothing_to_quantize_and_nan():
         BitQuantizer(model, 4, 2)
     with pytest.raises(RuntimeError, match=r"train_hash_functions"):
         BitQuantizer(MyModel(), 4, 2).get_hashed_model()
+
+
+@pytest.mark.parametrize("method", ["hash", "kmeans", "linear", "poly"])
+def test_codes_are_recomputed_and_a_changed_weight_is_refused(method):
+    """The fit keeps no codes (a quarter of the model's size); they are the weights' nearest levels
+    when asked, and asking after the weight changed is an error, never codes of other weights."""
+    model = MyModel()
+    bq = BitQuantizer(model, 8, 2, method=method).train_hash_functions(5)
+    assert bq.codes == {}
+    rows = model.encoder[0].weight.detach().reshape(64, -1)
+    codes = bq.layer_codes("encoder.0")
+    assert codes.dtype == torch.uint8 and torch.equal(codes.long(), bq.quantizers["encoder.0"].encode(rows))
+    small = bq.quantizers["encoder.0"].encode_uint8(rows, chunk_numel=100)  # 1 row (576 weights) at a time
+    assert torch.equal(small, codes)
+    with torch.no_grad():
+        model.encoder[0].weight.mul_(2)
+    with pytest.raises(RuntimeError, match="'encoder.0'.s weight changed after train_hash_functions"):
+        bq.get_hashed_model()
+    model.encoder[0].weight.data = torch.randn(64, 64, 3, 3)
+    with pytest.raises(RuntimeError, match="train_hash_functions\\(\\) again"):
+        bq.layer_codes("encoder.0")
+    bq.train_hash_functions(5)
+    assert bq.get_hashed_model().encoder[0].weight.reshape(64, -1).unique().numel() <= 8 * 4
+

@@ -62,7 +62,7 @@ def logits_error(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> flo
 
 
 def snapshot(bq: BitQuantizer) -> tuple:
-    return (copy.deepcopy(bq.codes), {n: copy.deepcopy(q.state_dict()) for n, q in bq.quantizers.items()},
+    return ({n: bq.layer_codes(n).clone() for n in bq.layer_names}, {n: copy.deepcopy(q.state_dict()) for n, q in bq.quantizers.items()},
             dict(bq.overrides), bq.report())
 
 
@@ -110,7 +110,7 @@ def test_every_method_keeps_its_family_and_does_not_get_worse(method):
     bq.calibrate(batches(64), n_samples=64)
     hashed = dict(bq.get_hashed_model().named_modules())
     for name in bq.layer_names:
-        quantizer, codes = bq.quantizers[name], bq.codes[name].long()
+        quantizer, codes = bq.quantizers[name], bq.layer_codes(name).long()
         rows = hashed[name].weight.detach().reshape(codes.shape)
         expected = quantizer.levels().detach()[quantizer.group_index].gather(1, codes)
         assert torch.equal(rows, expected), f"{method}: {name}'s weights are not its levels at its codes"
@@ -177,10 +177,10 @@ def test_unused_layer_stays_data_free():
             return self.net(x)
 
     bq = BitQuantizer(WithUnused(), 4, 2, layers=(nn.Conv2d, nn.Linear)).train_hash_functions(5)
-    codes = bq.codes["unused"].clone()
+    codes = bq.layer_codes("unused").clone()
     bq.calibrate(batches(64), n_samples=64)
     row = next(r for r in bq.report() if r.name == "unused")
-    assert row.out_error is None and torch.equal(bq.codes["unused"], codes), "a layer never called should keep its fit"
+    assert row.out_error is None and torch.equal(bq.layer_codes("unused"), codes), "a layer never called should keep its fit"
 
 
 def _exhausted():

@@ -1,11 +1,14 @@
 """save_quantized / load_quantized: bit-exact round trips, size, integrity checks and atomic writes."""
 import copy
+import gc
 import json
 import os
 import shutil
+import weakref
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 from torch import nn
@@ -20,6 +23,7 @@ from timm_qconv import (
     quantize_model,
     save_quantized,
 )
+from timm_qconv._packing import unpack_bits
 from timm_qconv.export import CONFIG_FILE, WEIGHTS_FILE, read_config
 
 ALL = ("conv", "linear")  # the head too: export covers both layer kinds
@@ -109,6 +113,48 @@ def test_quantized_model_round_trip_equals_freeze(method: str, tmp_path: Path) -
     loaded = load_quantized(path, model=copy.deepcopy(model))
     assert not any(isinstance(m, QuantMixin) for m in loaded.modules())
     assert_same_bits(loaded.state_dict(), want)
+
+
+def test_export_streams_one_layer_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saving computes one layer's codes at a time and loading decodes one layer at a time: neither
+    holds a second copy of the model, so the largest timm models need memory for one copy only."""
+    bq = BitQuantizer(tiny(), 8, 3, layers=ALL).train_hash_functions(2)
+    made = []
+
+    def one_at_a_time(function):
+        def wrapper(*args, **kwargs):
+            gc.collect()
+            held = [i for i, ref in enumerate(made) if ref() is not None]
+            assert not held, f"{function.__name__}: the tensors of calls {held} are still held"
+            out = function(*args, **kwargs)
+            made.append(weakref.ref(out))
+            return out
+        return wrapper
+
+    monkeypatch.setattr(BitQuantizer, "layer_codes", one_at_a_time(BitQuantizer.layer_codes))
+    path = save_quantized(bq, tmp_path / "q")
+    assert len(made) == len(bq.layer_names)
+    made.clear()
+    monkeypatch.setattr(export, "_decode_layer", one_at_a_time(export._decode_layer))
+    target = tiny(seed=1)
+    load_quantized(path, model=target)
+    assert len(made) == len(bq.layer_names)
+    monkeypatch.undo()
+    assert_same_bits(target.state_dict(), bq.get_hashed_model().state_dict())
+
+
+def test_weights_file_is_a_safetensors_file(saved: tuple[BitQuantizer, Path]) -> None:
+    """Written a tensor at a time, the file is still one the safetensors library reads as it is."""
+    bq, path = saved
+    tensors = safetensors.torch.load_file(path / WEIGHTS_FILE)
+    layers = read_config(path)["layers"]
+    for name in bq.layer_names:
+        codes = bq.layer_codes(name)
+        unpacked = unpack_bits(tensors.pop(name + ".weight.codes"), layers[name]["code_bits"], codes.numel())
+        assert torch.equal(unpacked.view_as(codes), codes), name
+        assert torch.equal(tensors.pop(name + ".weight.levels"), bq.quantizers[name].levels().detach()), name
+    state = {k: v for k, v in bq.model.state_dict().items() if k.removesuffix(".weight") not in bq.layer_names}
+    assert_same_bits(tensors, state)
 
 
 def test_size_at_4_bits_is_at_most_13_percent_of_float32(tmp_path: Path) -> None:
@@ -242,17 +288,22 @@ def test_failed_overwrite_keeps_old_files(saved: tuple[BitQuantizer, Path], save
     before = dir_snapshot(saved_copy)
     other = BitQuantizer(tiny(seed=3), 4, 2, method="kmeans", layers=ALL).train_hash_functions(1)
 
-    real_write = Path.write_bytes
-    for failing_call in (1, 2):  # writing the weights, then the config, into the new folder
-        calls = []
+    def fail(*args, **kwargs):
+        raise OSError(5, "Input/output error")
 
-        def fail_write(self, data):
-            calls.append(self.name)
-            if len(calls) == failing_call:
-                raise OSError(5, "Input/output error")
-            return real_write(self, data)
+    real_pack, packed = export.pack_bits, []
 
-        monkeypatch.setattr(Path, "write_bytes", fail_write)
+    def pack_once_then_fail(*args):
+        packed.append(args)
+        if len(packed) > 1:
+            fail()
+        return real_pack(*args)
+
+    for failing in ("weights", "config"):  # halfway through the weights (after the first layer), then the config
+        if failing == "weights":
+            monkeypatch.setattr(export, "pack_bits", pack_once_then_fail)
+        else:
+            monkeypatch.setattr(Path, "write_bytes", fail)
         with pytest.raises(OSError, match="Input/output error"):
             save_quantized(other, saved_copy)
         monkeypatch.undo()

@@ -5,8 +5,9 @@ into ``G`` contiguous groups (:func:`group_index`), each with its own quantizati
 
 :class:`SortedGroups` sorts each group's weights once and keeps prefix sums of ``w`` and ``w**2``.
 After that, the count, sum and sum of squares of the weights falling between any two thresholds
-come from two binary searches, so one fitting iteration costs ``O(G * L * log N)`` instead of
-``O(N * L)``. This is what makes the post-training fit cost about one sort.
+come from two binary searches (and a few weights of one block), so one fitting iteration costs
+``O(G * L * log N)`` instead of ``O(N * L)``. This is what makes the post-training fit cost about
+one sort.
 """
 from __future__ import annotations
 
@@ -30,41 +31,65 @@ def midpoints(levels: Tensor) -> Tensor:
 
 
 class SortedGroups:
-    """One layer's weights, sorted per group, with float64 prefix sums.
+    """One layer's weights, sorted per group, with float64 prefix sums every :data:`BLOCK` weights.
+
+    Memory is what bounds post-training quantization of the largest models, so the only full-size
+    tensor kept is the sorted float32 copy: the float64 sums of ``w`` and ``w**2`` are stored at
+    block boundaries (a quarter of the sorted copy's size) and completed within a block from the
+    sorted weights themselves when asked (:meth:`prefix_sums`), the same float64 sums as a full
+    prefix array. Groups are sorted a few at a time, so the sort's indices never cover the layer.
 
     Args:
         rows: the ``(C, K)`` weight matrix (any float dtype; statistics are taken in float64).
         n_groups: number of contiguous channel groups.
     """
 
+    BLOCK = 16
+
     def __init__(self, rows: Tensor, n_groups: int) -> None:
-        rows = rows.detach().float()
+        rows = rows.detach()
         n_channels, k = rows.shape
         self.n_groups = n_groups
-        gidx = group_index(n_channels, n_groups, rows.device)
-        channels = torch.bincount(gidx, minlength=n_groups)
+        channels = torch.bincount(group_index(n_channels, n_groups, rows.device), minlength=n_groups)
         self.counts = channels * k  # weights per group, (G,)
-        if n_channels % n_groups == 0:
-            padded = rows.reshape(n_groups, -1)
-        else:  # uneven split: pad each group's row with +inf; the padding sorts last and is never counted
-            width = int(channels.max()) * k
-            padded = rows.new_full((n_groups, width), float("inf"))
-            first = torch.cumsum(channels, 0) - channels
-            col = (torch.arange(n_channels, device=rows.device) - first[gidx]) * k
-            cols = col[:, None] + torch.arange(k, device=rows.device)
-            padded[gidx[:, None].expand(-1, k), cols] = rows
-        self.sorted = torch.sort(padded, dim=1).values
-        valid = self.sorted.double()
-        if n_channels % n_groups != 0:
-            valid = torch.where(torch.isinf(valid), torch.zeros_like(valid), valid)
-        zero = valid.new_zeros(n_groups, 1)
-        self.cum1 = torch.cat([zero, valid.cumsum(1)], 1)
-        self.cum2 = torch.cat([zero, (valid * valid).cumsum(1)], 1)
+        width = -(-int(self.counts.max()) // self.BLOCK) * self.BLOCK
+        # +inf pads each group to a whole number of blocks: it sorts last and is never counted.
+        self.sorted = rows.new_full((n_groups, width), float("inf"), dtype=torch.float32)
+        firsts, sizes = (torch.cumsum(channels, 0) - channels).tolist(), channels.tolist()
+        step = max(1, n_groups // 16)  # groups sorted together: a sixteenth of the layer's indices at once
+        g = 0
+        while g < n_groups:  # runs of consecutive groups of one size, as (groups, weights) views
+            end = g + 1
+            while end < min(g + step, n_groups) and sizes[end] == sizes[g]:
+                end += 1
+            part = rows[firsts[g]:firsts[end - 1] + sizes[end - 1]].reshape(end - g, -1)
+            self.sorted[g:end, :part.shape[1]] = torch.sort(part.float(), dim=1).values
+            g = end
+        n_blocks = width // self.BLOCK
+        self.block1 = self.sorted.new_zeros(n_groups, n_blocks + 1, dtype=torch.float64)
+        self.block2 = torch.zeros_like(self.block1)
+        for g in range(0, n_groups, step):
+            blocks = self.sorted[g:g + step].view(-1, n_blocks, self.BLOCK).double()
+            blocks = torch.where(torch.isinf(blocks), 0.0, blocks)
+            torch.cumsum(blocks.sum(-1), 1, out=self.block1[g:g + step, 1:])
+            torch.cumsum(blocks.square().sum(-1), 1, out=self.block2[g:g + step, 1:])
+
+    def prefix_sums(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Sums of the first ``positions[g, j]`` sorted weights of group ``g`` and of their squares,
+        float64, for integer ``positions`` ``(G, Q)`` in ``0..counts[g]``."""
+        block, offset = positions.div(self.BLOCK, rounding_mode="floor"), positions.remainder(self.BLOCK)
+        within = torch.arange(self.BLOCK, device=positions.device)
+        index = (block * self.BLOCK)[..., None] + within  # (G, Q, B): the block's weights
+        index = index.clamp_max(self.sorted.shape[1] - 1).reshape(self.n_groups, -1)
+        values = self.sorted.gather(1, index).view(*positions.shape, self.BLOCK).double()
+        values = torch.where(within < offset[..., None], values, 0.0)  # only those before the position
+        return (self.block1.gather(1, block) + values.sum(-1),
+                self.block2.gather(1, block) + values.square().sum(-1))
 
     @property
     def total_sq(self) -> Tensor:
         """Sum of squared weights per group, (G,)."""
-        return self.cum2[torch.arange(self.n_groups, device=self.cum2.device), self.counts]
+        return self.prefix_sums(self.counts[:, None])[1][:, 0]
 
     def rms(self) -> Tensor:
         """Root mean square of each group's weights, (G,)."""
@@ -86,9 +111,7 @@ class SortedGroups:
         pos = torch.minimum(pos, self.counts[:, None]).view(shape)
         ends = self.counts.view((-1,) + (1,) * (len(shape) - 1)).expand(*shape[:-1], 1)
         edges = torch.cat([torch.zeros_like(ends), pos, ends], -1)
-        flat_edges = edges.reshape(self.n_groups, -1)
-        s1 = self.cum1.gather(1, flat_edges).view(edges.shape)
-        s2 = self.cum2.gather(1, flat_edges).view(edges.shape)
+        s1, s2 = (s.view(edges.shape) for s in self.prefix_sums(edges.reshape(self.n_groups, -1)))
         return edges.diff(dim=-1).double(), s1.diff(dim=-1), s2.diff(dim=-1)
 
     def nearest_stats(self, levels: Tensor) -> tuple[Tensor, Tensor, Tensor]:

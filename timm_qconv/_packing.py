@@ -3,7 +3,8 @@
 Code ``i`` occupies bits ``i * n_bits .. (i + 1) * n_bits - 1`` of the stream, least significant
 bit first, and bit ``b`` of the stream is bit ``b % 8`` of byte ``b // 8``. The last byte is padded
 with zero bits, so ``N`` codes take ``ceil(N * n_bits / 8)`` bytes. Both directions are a handful of
-vectorized tensor ops (no Python loop over elements); the intermediate is one byte per bit.
+vectorized tensor ops (no Python loop over elements), on chunks of :data:`CHUNK` codes: the
+intermediate is one byte per bit of the chunk.
 """
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ from torch import Tensor
 
 from ._errors import check_int
 from .config import MAX_BITS
+
+
+CHUNK = 1 << 18
+"""Codes packed or unpacked per step (a multiple of 8, so that every chunk fills whole bytes): the
+one-byte-per-bit intermediate stays at most ``8 * CHUNK`` bytes, whatever the layer's size."""
 
 
 def packed_size(n_codes: int, n_bits: int) -> int:
@@ -42,14 +48,18 @@ def pack_bits(codes: Tensor, n_bits: int) -> Tensor:
             f"expected values in 0..{2**n_bits - 1}"
         )
     flat = flat.to(torch.uint8)
-    bits = (flat[:, None] >> _shifts(n_bits, flat.device)) & 1  # (N, n_bits), LSB first
-    stream = bits.reshape(-1)
-    pad = -stream.numel() % 8
-    if pad:
-        stream = torch.cat([stream, stream.new_zeros(pad)])
+    out = torch.empty(packed_size(flat.numel(), n_bits), dtype=torch.uint8, device=flat.device)
     weights = torch.ones((), dtype=torch.uint8, device=flat.device) << _shifts(8, flat.device)
-    # Each bit lands in its own bit position, so the sum is an OR and never exceeds 255.
-    return (stream.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+    for start in range(0, flat.numel(), CHUNK):  # CHUNK codes fill whole bytes: chunks pack independently
+        bits = (flat[start:start + CHUNK, None] >> _shifts(n_bits, flat.device)) & 1  # (n, n_bits), LSB first
+        stream = bits.reshape(-1)
+        pad = -stream.numel() % 8
+        if pad:
+            stream = torch.cat([stream, stream.new_zeros(pad)])
+        # Each bit lands in its own bit position, so the sum is an OR and never exceeds 255.
+        first = start * n_bits // 8
+        out[first:first + stream.numel() // 8] = (stream.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+    return out
 
 
 def unpack_bits(packed: Tensor, n_bits: int, n_codes: int) -> Tensor:
@@ -66,7 +76,13 @@ def unpack_bits(packed: Tensor, n_bits: int, n_codes: int) -> Tensor:
         raise ValueError(
             f"packed holds {packed.numel()} bytes; {n_codes} codes of {n_bits} bits need exactly {expected}"
         )
-    bits = (packed[:, None] >> _shifts(8, packed.device)) & 1  # (bytes, 8), LSB first
-    bits = bits.reshape(-1)[: n_codes * n_bits].view(n_codes, n_bits)
+    out = torch.empty(n_codes, dtype=torch.uint8, device=packed.device)
     weights = torch.ones((), dtype=torch.uint8, device=packed.device) << _shifts(n_bits, packed.device)
-    return (bits * weights).sum(1, dtype=torch.uint8)
+    for start in range(0, n_codes, CHUNK):
+        n = min(CHUNK, n_codes - start)
+        first = start * n_bits // 8
+        chunk = packed[first:first + packed_size(n, n_bits)]
+        bits = (chunk[:, None] >> _shifts(8, packed.device)) & 1  # (bytes, 8), LSB first
+        bits = bits.reshape(-1)[: n * n_bits].view(n, n_bits)
+        out[start:start + n] = (bits * weights).sum(1, dtype=torch.uint8)
+    return out

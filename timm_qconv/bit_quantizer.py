@@ -91,7 +91,11 @@ class BitQuantizer:
         self.device = device
         self.verbose = bool(verbose)
         self.quantizers: dict[str, Quantizer] = {}
-        self.codes: dict[str, Tensor] = {}  # uint8 (C, K) code of every weight, after fitting
+        #: uint8 (C, K) codes that nearest-level encoding would not give (calibration's); every
+        #: other layer's are recomputed when asked (:meth:`layer_codes`): kept for every layer,
+        #: they would cost a quarter of the model's float32 size
+        self.codes: dict[str, Tensor] = {}
+        self._fitted: dict[str, tuple[int, int]] = {}  # each weight's (version, data pointer) when fitted
         #: state-dict tensors other than the quantized weights that calibration changed (biases, BatchNorm statistics)
         self.overrides: dict[str, Tensor] = {}
         self._report: QuantReport | None = None
@@ -105,7 +109,7 @@ class BitQuantizer:
         """Fit every layer's levels with ``n_iter`` iterations, then encode its weights."""
         check_int("n_iter", n_iter, 1)
         check_finite(self.modules, self.layer_names)  # again: the weights may have changed since __init__
-        quantizers, codes, reports = {}, {}, []
+        quantizers, reports = {}, []
         items = tqdm(self.modules.items(), desc=f"{self.method.name} {self.config.n_bits}-bit",
                      unit="layer", disable=not self.verbose)
         for name, module in items:
@@ -117,15 +121,14 @@ class BitQuantizer:
             else:
                 quantizer = config_owner(config)(rows, config, stats=stats)
                 quantizer.fit_(stats, n_iter, rows=rows)
+            del stats  # before encoding: the layer's sorted copy is the largest temporary of the fit
             quantizer.eval()
-            code = quantizer.encode(rows)
-            q = quantizer.decode(code)
             quantizers[name] = quantizer
-            codes[name] = code.to(torch.uint8)
-            exact = rows.double()  # float64 sums: squares of weights near 1e20 and above overflow float32
+            sq_error, sq_norm = _squared_error(quantizer, rows, quantizer.encode_uint8(rows))
             reports.append(LayerReport(name, tuple(module.weight.shape), config.n_bits, quantizer.n_groups,
-                                       float((q.double() - exact).pow(2).sum()), float(exact.pow(2).sum())))
-        self.quantizers, self.codes, self._report = quantizers, codes, QuantReport(reports)
+                                       sq_error, sq_norm))
+        self.quantizers, self.codes, self._report = quantizers, {}, QuantReport(reports)
+        self._fitted = {name: _identity(module.weight) for name, module in self.modules.items()}
         self.overrides = {}
         call_hook("after_bit_quantizer", quantizer=self, report=self._report)
         return self
@@ -159,11 +162,26 @@ class BitQuantizer:
             raise RuntimeError("call train_hash_functions() first")
 
     @torch.no_grad()
+    def layer_codes(self, name: str) -> Tensor:
+        """Layer ``name``'s uint8 ``(C, K)`` codes: calibration's, else its weights' nearest levels.
+
+        Raises ``RuntimeError`` when the layer's weight changed since it was fitted: its codes
+        would no longer be those of the fit (fit again).
+        """
+        self._require_fit()
+        if name in self.codes:
+            return self.codes[name]
+        weight = self.modules[name].weight
+        if _identity(weight) != self._fitted[name]:
+            raise RuntimeError(f"layer {name!r}'s weight changed after train_hash_functions(); "
+                               "call train_hash_functions() again to quantize the new weights")
+        return self.quantizers[name].encode_uint8(self._rows(self.modules[name]))
+
+    @torch.no_grad()
     def quantized_weight(self, name: str) -> Tensor:
         """Layer ``name``'s quantized weight, in the layer's own shape, dtype and device."""
-        self._require_fit()
         weight = self.modules[name].weight
-        q = self.quantizers[name].decode(self.codes[name].long())
+        q = self.quantizers[name].decode(self.layer_codes(name).long())
         return q.view(weight.shape).to(weight.device, weight.dtype)
 
     def get_hashed_model(self) -> nn.Module:
@@ -182,3 +200,23 @@ class BitQuantizer:
         """Per-layer relative error and SQNR of the last fit (prints as a table)."""
         self._require_fit()
         return self._report
+
+
+def _identity(weight: Tensor) -> tuple[int, int]:
+    """What changes when a weight is edited in place (its version) or replaced (its storage)."""
+    return weight._version, weight.data_ptr()
+
+
+def _squared_error(quantizer: Quantizer, rows: Tensor, codes: Tensor, chunk_numel: int = 1 << 20) -> tuple[float, float]:
+    """``sum((q - w)**2)`` and ``sum(w**2)`` in float64 (squares of weights near 1e20 and above
+    overflow float32), a few rows at a time: no (C, K) float64 temporary."""
+    levels = quantizer.levels().detach()
+    step = max(1, chunk_numel // max(1, rows.shape[1]))
+    error = norm = 0.0
+    for start in range(0, rows.shape[0], step):
+        part = slice(start, start + step)
+        exact = rows[part].double()
+        q = levels[quantizer.group_index[part]].gather(1, codes[part].long()).double()
+        error += float((q - exact).square().sum())
+        norm += float(exact.square().sum())
+    return error, norm

@@ -291,7 +291,7 @@ def calibrate(bq: "BitQuantizer", loader: Iterable, config: CalibrationConfig) -
         stats = _layer_inputs(working, float_model, name, rows, calls[name], batches, device)
         stats.centered = config.bias_correction and original.bias is not None
         quantizer, new_codes, before, after, ref = calibrate_layer(
-            copy.deepcopy(quantizers[name]).to(device), rows, codes[name].to(device), stats, config)
+            copy.deepcopy(quantizers[name]).to(device), rows, bq.layer_codes(name).to(device), stats, config)
         q = quantizer.decode(new_codes)
         layers[name].weight.data.copy_(q.view(layers[name].weight.shape))
         if config.bias_correction and original.bias is not None:  # mean of W f - Q x

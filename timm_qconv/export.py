@@ -17,20 +17,27 @@ before it is read, its sha256 before it is parsed, the config's digest in its me
 anything is built, and the model is first built on the ``meta`` device so that its shapes are
 compared with the file's before any memory is allocated for it. Nothing is unpickled.
 
+Both directions stream: saving computes, packs and writes one layer's codes at a time (the file is
+hashed as it is written), and loading hashes the file in chunks, checks every layer's codes and
+levels one layer at a time, then decodes and loads them one layer at a time. Beyond the model
+itself, neither holds more than about one layer's tensors, so the largest timm models are exported
+and loaded with memory for one copy of the model.
+
 The directory is written with :func:`timm_qconv.atomic.atomic_directory`: into a hidden sibling,
 then swapped in at once, so an interrupted save (a crash, ``SIGKILL``, Ctrl-C) leaves the previous
 export loadable, or, for a new path, no directory at all.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
-import safetensors.torch
+import safetensors
 import torch
 from torch import Tensor, nn
 
@@ -62,14 +69,27 @@ __all__ = ["save_quantized", "load_quantized", "read_config", "WEIGHTS_FILE", "C
 
 
 # ---------------------------------------------------------------------------------------- saving
-def _layers_of(obj: Any) -> tuple[nn.Module, list[tuple[str, Tensor, Quantizer, Tensor]], set[str]]:
-    """The model, ``(name, weight, fitted quantizer, (C, K) codes)`` per quantized layer, and the
-    state-dict keys those layers own (replaced by codes and levels in the file)."""
+class _Layer(NamedTuple):
+    name: str
+    weight: Tensor
+    quantizer: Quantizer
+    codes: Callable[[], Tensor]  # uint8 (C, K), computed when the layer is written
+
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+"""The safetensors names of the dtypes a state dict may hold here."""
+
+def _layers_of(obj: Any) -> tuple[nn.Module, list[_Layer], set[str]]:
+    """The model, its quantized layers, and the state-dict keys those layers own (replaced by codes
+    and levels in the file). Codes are computed one layer at a time, when written."""
     if isinstance(obj, BitQuantizer):
         if not obj.quantizers:
             raise ValueError("model_or_quantizer is a BitQuantizer that was not fitted; "
                              "call train_hash_functions() first")
-        layers = [(n, obj.modules[n].weight, obj.quantizers[n], obj.codes[n]) for n in obj.layer_names]
+        layers = [_Layer(n, obj.modules[n].weight, obj.quantizers[n], functools.partial(obj.layer_codes, n))
+                  for n in obj.layer_names]
         _check_finite(layers)
         return obj.model, layers, {f"{n}.weight" for n in obj.layer_names}
     if isinstance(obj, nn.Module):
@@ -84,15 +104,7 @@ def _layers_of(obj: Any) -> tuple[nn.Module, list[tuple[str, Tensor, Quantizer, 
             )
         layers, owned = [], set()
         for name, layer in found:
-            quantizer = layer.quantizer
-            was_training = quantizer.training
-            quantizer.eval()  # the codes of eval mode, which is what freeze_model/to_float use
-            try:
-                with torch.no_grad():
-                    codes = quantizer.encode(as_rows(layer.weight.detach()).float())
-            finally:
-                quantizer.train(was_training)
-            layers.append((name, layer.weight, quantizer, codes))
+            layers.append(_Layer(name, layer.weight, layer.quantizer, functools.partial(_eval_codes, layer)))
             owned |= {f"{name}.{k}" for k in layer.state_dict() if k == "weight" or k.startswith("quantizer.")}
         _check_finite(layers)
         return obj, layers, owned
@@ -102,7 +114,18 @@ def _layers_of(obj: Any) -> tuple[nn.Module, list[tuple[str, Tensor, Quantizer, 
     )
 
 
-def _check_finite(layers: list[tuple[str, Tensor, Quantizer, Tensor]]) -> None:
+def _eval_codes(layer: QuantMixin) -> Tensor:
+    """The layer's codes in eval mode, which is what freeze_model/to_float use."""
+    quantizer = layer.quantizer
+    was_training = quantizer.training
+    quantizer.eval()
+    try:
+        return quantizer.encode_uint8(as_rows(layer.weight.detach()).float())
+    finally:
+        quantizer.train(was_training)
+
+
+def _check_finite(layers: list[_Layer]) -> None:
     """Refuse NaN/inf weights or levels, naming the layer: a NaN would otherwise be saved as some level."""
     for name, weight, quantizer, _ in layers:
         if not bool(torch.isfinite(weight.detach()).all()):
@@ -140,20 +163,22 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _encode_layer(name: str, weight: Tensor, quantizer: Quantizer, codes: Tensor) -> tuple[Tensor, Tensor, dict]:
-    levels = quantizer.levels().detach().float().cpu().contiguous()
+def _layer_meta(layer: _Layer) -> dict[str, Any]:
+    levels = layer.quantizer.levels()
     n_levels = levels.shape[1]
     if n_levels > 2**MAX_BITS:
-        raise ValueError(f"layer {name!r} has {n_levels} levels per group; export supports at most {2**MAX_BITS}")
-    code_bits = max(1, (n_levels - 1).bit_length())
-    codes = codes.detach().cpu()
-    if codes.numel() and int(codes.max()) >= n_levels:
-        raise ValueError(f"layer {name!r} has code {int(codes.max())} but only {n_levels} levels")
-    meta = {
-        "shape": list(weight.shape), "dtype": _dtype_name(weight.dtype), "method": quantizer.name,
-        "n_bits": quantizer.config.n_bits, "code_bits": code_bits, "groups": int(levels.shape[0]), "levels": n_levels,
-    }
-    return pack_bits(codes, code_bits), levels, meta
+        raise ValueError(f"layer {layer.name!r} has {n_levels} levels per group; export supports at most "
+                         f"{2**MAX_BITS}")
+    return {"shape": list(layer.weight.shape), "dtype": _dtype_name(layer.weight.dtype), "method": layer.quantizer.name,
+            "n_bits": layer.quantizer.config.n_bits, "code_bits": max(1, (n_levels - 1).bit_length()),
+            "groups": int(levels.shape[0]), "levels": n_levels}
+
+
+def _packed_codes(layer: _Layer, meta: dict[str, Any]) -> Tensor:
+    codes = layer.codes().detach().cpu()
+    if codes.numel() and int(codes.max()) >= meta["levels"]:
+        raise ValueError(f"layer {layer.name!r} has code {int(codes.max())} but only {meta['levels']} levels")
+    return pack_bits(codes, meta["code_bits"])
 
 
 def _summary(quantizers: list[Quantizer]) -> dict[str, Any]:
@@ -182,49 +207,84 @@ def save_quantized(model_or_quantizer: BitQuantizer | nn.Module, path: str | os.
     state = model.state_dict()
     if isinstance(model_or_quantizer, BitQuantizer):  # biases and BatchNorm statistics that calibration changed
         state.update(model_or_quantizer.overrides)
-    tensors: dict[str, Tensor] = {}
-    layer_meta: dict[str, dict] = {}
     plain = {k: v for k, v in state.items() if k not in owned}
-    for name, weight, quantizer, codes in layers:
-        packed, levels, meta = _encode_layer(name, weight, quantizer, codes)
-        for key, value in ((name + CODES, packed), (name + LEVELS, levels)):
+    layer_meta = {layer.name: _layer_meta(layer) for layer in layers}
+    # What the file holds, in order: (key, dtype, shape, the tensor when it is written).
+    entries: list[tuple[str, torch.dtype, list[int], Callable[[], Tensor]]] = []
+    for layer in layers:
+        meta = layer_meta[layer.name]
+        for key in (layer.name + CODES, layer.name + LEVELS):
             if key in plain:
                 raise ValueError(f"model has a tensor named {key!r}, which the export format reserves for codes/levels")
-            tensors[key] = value
-        layer_meta[name] = meta
+        n_codes = layer.weight.numel()
+        entries.append((layer.name + CODES, torch.uint8, [packed_size(n_codes, meta["code_bits"])],
+                        functools.partial(_packed_codes, layer, meta)))
+        entries.append((layer.name + LEVELS, torch.float32, [meta["groups"], meta["levels"]],
+                        lambda q=layer.quantizer: q.levels().detach().float()))
     for key, value in plain.items():
-        tensors[key] = value.detach().to("cpu", copy=True).contiguous()  # copy: safetensors rejects shared storage
-    float32_bytes = _float32_bytes({**plain, **{f"{n}.weight": w for n, w, _, _ in layers}})
+        if value.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"model's tensor {key!r} has dtype {value.dtype}; the export stores "
+                             f"{sorted(_dtype_name(d) for d in SAFETENSORS_DTYPES)}")
+        entries.append((key, value.dtype, list(value.shape), lambda v=value: v.detach()))
+    float32_bytes = _float32_bytes({**plain, **{f"{layer.name}.weight": layer.weight for layer in layers}})
     arch, kwargs = _timm_spec(model)
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "architecture": arch, "model_kwargs": kwargs,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        **_summary([q for _, _, q, _ in layers]),
+        **_summary([layer.quantizer for layer in layers]),
         "layers": layer_meta,
         "weights_file": WEIGHTS_FILE, "float32_bytes": float32_bytes,
     }
     config = json.loads(json.dumps(config, default=str))  # exactly what a reader will parse, for the digest
     metadata = {"format": "pt", "timm_qconv_format": str(FORMAT_VERSION), DIGEST_METADATA: config_digest(config)}
-    data = safetensors.torch.save(tensors, metadata=metadata)
-    config.update(weights_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    config_data = (json.dumps(config, indent=2) + "\n").encode()
-    return _write_export(Path(path), data, config_data)
-
-
-def _write_export(directory: Path, weights: bytes, config: bytes) -> Path:
-    """Write both files into a temporary sibling and swap it in (``atomic_directory``); other files stay."""
+    directory = Path(path)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"path={str(directory)!r} is an existing file; expected a directory "
                          f"(to hold {WEIGHTS_FILE} and {CONFIG_FILE})")
     try:
         with atomic_directory(directory) as tmp:
-            (tmp / WEIGHTS_FILE).write_bytes(weights)
-            (tmp / CONFIG_FILE).write_bytes(config)
+            size, digest = _write_safetensors(tmp / WEIGHTS_FILE, entries, metadata)
+            config.update(weights_bytes=size, sha256=digest)
+            (tmp / CONFIG_FILE).write_bytes((json.dumps(config, indent=2) + "\n").encode())
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise OSError(f"path={str(directory)!r} cannot be written: {reason} ({exc.filename or directory})") from exc
     return directory
+
+
+def _write_safetensors(file: Path, entries: list[tuple[str, torch.dtype, list[int], Callable[[], Tensor]]],
+                       metadata: dict[str, str]) -> tuple[int, str]:
+    """Write a safetensors file one tensor at a time; return its size and sha256.
+
+    The format (https://huggingface.co/docs/safetensors) is an 8-byte little-endian header length,
+    a JSON header naming each tensor's dtype, shape and byte range, then the tensors' bytes in that
+    order. The library's writer takes every tensor at once, so a model of several GB would be held
+    twice; here only one tensor (one layer's packed codes) exists at a time.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for key, dtype, shape, _ in entries:
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the tensors start 8-byte aligned, as the library writes them
+    digest = hashlib.sha256()
+    with open(file, "wb") as f:
+        for chunk in (struct.pack("<Q", len(encoded)), encoded):
+            f.write(chunk)
+            digest.update(chunk)
+        for key, dtype, shape, make in entries:
+            tensor = make()
+            if tensor.dtype != dtype or list(tensor.shape) != shape:  # the header is already written
+                raise RuntimeError(f"{key} changed while it was saved: {tensor.dtype} {list(tensor.shape)}, "
+                                   f"expected {dtype} {shape}")
+            data = tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            f.write(data)
+            digest.update(data)
+            del tensor, data  # before the next one is made
+        return f.tell(), digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -238,7 +298,7 @@ def read_config(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
     directory = resolve_directory(path)
     config = _read_config(directory)
     if verify:
-        _read_weights(directory, config)
+        _verify_weights(directory, config)
     return config
 
 
@@ -259,17 +319,19 @@ def _read_config(directory: Path) -> dict[str, Any]:
     return check_config(config, str(file))
 
 
-def _safetensors_header(data: bytes) -> dict[str, Any]:
-    """The JSON header of a safetensors byte string (a little-endian length, then the header)."""
-    if len(data) < 8:
-        raise ValueError(f"{WEIGHTS_FILE} is too short to be a safetensors file")
-    (length,) = struct.unpack("<Q", data[:8])
-    if length > len(data) - 8:
-        raise ValueError(f"{WEIGHTS_FILE} has a header of {length} bytes but only {len(data) - 8} follow")
-    try:
-        header = json.loads(data[8:8 + length].decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise ValueError(f"{WEIGHTS_FILE} has a damaged header") from None
+def _read_header(file: Path, size: int) -> dict[str, Any]:
+    """The JSON header of a safetensors file (a little-endian length, then the header)."""
+    with open(file, "rb") as f:
+        start = f.read(8)
+        if len(start) < 8:
+            raise ValueError(f"{WEIGHTS_FILE} is too short to be a safetensors file")
+        (length,) = struct.unpack("<Q", start)
+        if length > size - 8:
+            raise ValueError(f"{WEIGHTS_FILE} has a header of {length} bytes but only {size - 8} follow")
+        try:
+            header = json.loads(f.read(length).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise ValueError(f"{WEIGHTS_FILE} has a damaged header") from None
     return header if isinstance(header, dict) else {}
 
 
@@ -288,25 +350,30 @@ def _check_layers_against_header(header: dict[str, Any], config: dict[str, Any])
             if found != (dtype, shape):
                 raise ValueError(f"layer {name!r}: {WEIGHTS_FILE} has {key!r} as {found}, but {CONFIG_FILE} "
                                  f"implies {(dtype, shape)}; the codes or levels do not match")
+    for key in header:
+        if key.endswith((CODES, LEVELS)) and key.removesuffix(CODES).removesuffix(LEVELS) not in config["layers"]:
+            raise ValueError(f"{WEIGHTS_FILE} has {key!r}, which {CONFIG_FILE} does not list; "
+                             "the files do not belong together")
 
 
-def _read_weights(directory: Path, config: dict[str, Any]) -> bytes:
-    """The weights file's bytes, once its size, sha256 and the config digest it names all match."""
+def _verify_weights(directory: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The weights file's checked header, once its size, sha256 and the config digest it names all
+    match. The file is hashed in chunks, never held in memory."""
     file = directory / WEIGHTS_FILE
     if not file.is_file():
         raise FileNotFoundError(f"path={str(directory)!r} has no {WEIGHTS_FILE}")
     size = file.stat().st_size
-    if size != config["weights_bytes"]:  # before reading: a huge file is never read into memory
+    if size != config["weights_bytes"]:  # before reading: a huge file is never read
         raise ValueError(
             f"{file} is truncated or was changed: it has {size} bytes, "
             f"{CONFIG_FILE} records {config['weights_bytes']}"
         )
-    data = file.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if len(data) != size or digest != config["sha256"]:
+    with open(file, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if digest != config["sha256"]:
         raise ValueError(f"{file} was changed after saving: its sha256 {digest[:16]}... does not match "
                          f"{CONFIG_FILE}'s {str(config['sha256'])[:16]}...")
-    header = _safetensors_header(data)
+    header = _read_header(file, size)
     metadata = header.get("__metadata__") if isinstance(header.get("__metadata__"), dict) else {}
     bound = metadata.get(DIGEST_METADATA)
     if bound != config_digest(config):
@@ -314,19 +381,17 @@ def _read_weights(directory: Path, config: dict[str, Any]) -> bytes:
                          f"names a config with sha256 {str(bound)[:16]}..., "
                          f"this one has {config_digest(config)[:16]}...")
     _check_layers_against_header(header, config)
-    return data
+    try:  # the library's own checks of every entry (dtypes, shapes, byte ranges)
+        with safetensors.safe_open(str(file), framework="pt") as opened:
+            keys = set(opened.keys())
+    except Exception as exc:  # the checksum matched, so the writer itself produced a bad file
+        raise ValueError(f"{WEIGHTS_FILE} cannot be read: {str(exc)[:200]}") from None
+    return {k: v for k, v in header.items() if k in keys}
 
 
-def _decode_layer(name: str, meta: dict, tensors: dict[str, Tensor]) -> Tensor:
-    """The quantized weight of one layer, exactly as ``Quantizer.decode`` computes it, in its dtype.
-
-    Every size is checked against the tensors read from the file before anything is allocated.
-    """
-    try:
-        packed, levels = tensors.pop(name + CODES), tensors.pop(name + LEVELS)
-    except KeyError as exc:
-        raise ValueError(
-            f"{WEIGHTS_FILE} lacks {exc.args[0]!r} listed in {CONFIG_FILE}; the files do not belong together") from None
+def _checked_codes(name: str, meta: dict, packed: Tensor, levels: Tensor) -> Tensor:
+    """One layer's uint8 ``(C, K)`` codes, once its codes and levels from the file are checked
+    against its config entry (every size before anything is allocated)."""
     shape = torch.Size(meta["shape"])
     n_channels, n_codes = shape[0], shape.numel()
     groups, n_levels, code_bits = meta["groups"], meta["levels"], meta["code_bits"]
@@ -339,28 +404,82 @@ def _decode_layer(name: str, meta: dict, tensors: dict[str, Tensor]) -> Tensor:
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected:
         raise ValueError(f"layer {name!r}: codes {tuple(packed.shape)} {packed.dtype} do not match {CONFIG_FILE} "
                          f"(shape {list(shape)} at {code_bits} bits needs {expected} uint8 bytes)")
-    codes = unpack_bits(packed, code_bits, n_codes).view(n_channels, -1).long()
+    codes = unpack_bits(packed, code_bits, n_codes).view(n_channels, -1)
     if n_codes and int(codes.max()) >= n_levels:
         raise ValueError(f"layer {name!r} has code {int(codes.max())} but only {n_levels} levels; the file is damaged")
+    return codes
+
+
+def _decode_layer(name: str, meta: dict, packed: Tensor, levels: Tensor, chunk_numel: int = 1 << 20) -> Tensor:
+    """The quantized weight of one layer, exactly as ``Quantizer.decode`` computes it, in its dtype,
+    a few rows at a time (no (C, K) int64 codes)."""
+    codes = _checked_codes(name, meta, packed, levels)
+    shape, n_channels = torch.Size(meta["shape"]), codes.shape[0]
     dtype = getattr(torch, meta["dtype"])  # one of DTYPES, checked with the config
     # Same lookup as Quantizer.decode: levels[group_index].gather(1, codes), then the layer's dtype.
-    return levels[group_index(n_channels, groups)].gather(1, codes).view(shape).to(dtype)
+    weight = torch.empty(shape, dtype=dtype).view(n_channels, -1)
+    index = group_index(n_channels, meta["groups"])
+    step = max(1, chunk_numel // max(1, weight.shape[1]))
+    for start in range(0, n_channels, step):
+        part = slice(start, start + step)
+        weight[part] = levels[index[part]].gather(1, codes[part].long())
+    return weight.view(shape)
 
 
-def _decode_state(data: bytes, config: dict[str, Any]) -> dict[str, Tensor]:
-    try:
-        tensors = safetensors.torch.load(data)
-    except Exception as exc:  # the checksum matched, so the writer itself produced a bad file
-        raise ValueError(f"{WEIGHTS_FILE} cannot be read: {str(exc)[:200]}") from None
-    state = {}
-    for name, meta in config["layers"].items():
-        state[f"{name}.weight"] = _decode_layer(name, meta, tensors)
-    for key, value in tensors.items():
-        if key.endswith((CODES, LEVELS)):
-            raise ValueError(f"{WEIGHTS_FILE} has {key!r}, which {CONFIG_FILE} does not list; "
-                             "the files do not belong together")
-        state[key] = value
-    return state
+def _batches(header: dict[str, Any], config: dict[str, Any]) -> list[list[str]]:
+    """The state-dict keys in file order, in batches read together: a quantized layer's weight, or
+    plain tensors adding up to at most half the largest layer, so that reading never holds more
+    than about one layer's worth of tensors (and the file pages they come from) at once."""
+    sizes: dict[str, int] = {}
+    for key, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        name = key.removesuffix(CODES).removesuffix(LEVELS)
+        if name in config["layers"]:
+            meta = config["layers"][name]
+            sizes[f"{name}.weight"] = torch.Size(meta["shape"]).numel() * getattr(torch, meta["dtype"]).itemsize
+        else:
+            sizes[key] = entry["data_offsets"][1] - entry["data_offsets"][0]
+    budget = max(max(sizes.values(), default=0) // 2, 1 << 20)
+    batches: list[list[str]] = []
+    used = budget
+    for key, size in sizes.items():
+        if used + size > budget or key.removesuffix(".weight") in config["layers"]:
+            batches.append([])
+            used = 0
+        batches[-1].append(key)
+        used += size
+    return batches
+
+
+def _read_batch(file: Path, keys: list[str], config: dict[str, Any], check_only: bool = False) -> dict[str, Tensor]:
+    """The tensors of ``keys`` (quantized layers' weights decoded), the file open only meanwhile;
+    ``check_only``: check the quantized layers' codes and levels, return nothing."""
+    tensors = {}
+    with safetensors.safe_open(str(file), framework="pt") as opened:
+        for key in keys:
+            name = key.removesuffix(".weight")
+            if key.endswith(".weight") and name in config["layers"]:
+                found = (name, config["layers"][name], opened.get_tensor(name + CODES), opened.get_tensor(name + LEVELS))
+                if check_only:
+                    _checked_codes(*found)
+                else:
+                    tensors[key] = _decode_layer(*found)
+            elif not check_only:
+                tensors[key] = opened.get_tensor(key)
+    return tensors
+
+
+def _specs(header: dict[str, Any], config: dict[str, Any]) -> dict[str, Tensor]:
+    """The state dict the file describes, as meta tensors (shapes and dtypes, no memory)."""
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    specs = {f"{name}.weight": torch.empty(meta["shape"], dtype=getattr(torch, meta["dtype"]), device="meta")
+             for name, meta in config["layers"].items()}
+    for key, entry in header.items():
+        if key != "__metadata__" and not key.endswith((CODES, LEVELS)):
+            if entry["dtype"] not in names:
+                raise ValueError(f"{WEIGHTS_FILE}: {key!r} has dtype {entry['dtype']!r}; expected one of "
+                                 f"{sorted(names)}")
+            specs[key] = torch.empty(entry["shape"], dtype=names[entry["dtype"]], device="meta")
+    return specs
 
 
 def _plain_state(model: nn.Module) -> dict[str, Tensor]:
@@ -432,10 +551,16 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
         raise TypeError(f"model={type(model).__name__} is not an nn.Module (or None to create the saved timm model)")
     directory = resolve_directory(path)
     config = _read_config(directory)
-    state = _decode_state(_read_weights(directory, config), config)
-    target = model if model is not None else _create_model(config, state)
-    _check_fits(target, state, config)
+    header = _verify_weights(directory, config)
+    specs = _specs(header, config)
+    batches = _batches(header, config)
+    file = directory / WEIGHTS_FILE
+    for keys in batches:  # every layer's codes and levels checked before the model is built or touched
+        _read_batch(file, keys, config, check_only=True)
+    target = model if model is not None else _create_model(config, specs)
+    _check_fits(target, specs, config)
     if quantized_layers(target):
         target = freeze_model(target)
-    target.load_state_dict(state, strict=True, assign=model is None)  # assign: keep the saved dtypes
+    for keys in batches:  # one layer at a time: never a second copy of the model
+        target.load_state_dict(_read_batch(file, keys, config), strict=False, assign=model is None)
     return target

@@ -89,6 +89,20 @@ class Quantizer(nn.Module):
         """Integer code of every weight of the ``(C, K)`` matrix ``rows`` -> ``(C, K)`` int64."""
         return threshold_codes(self.thresholds().detach()[self.group_index], rows).long()
 
+    def encode_uint8(self, rows: Tensor, chunk_numel: int = 1 << 20) -> Tensor:
+        """:meth:`encode` as uint8 (at most 256 levels: 8 bits), a few rows at a time for
+        thresholded methods: never a (C, K) int64 or float temporary, which is what bounds
+        post-training quantization's memory on large layers."""
+        if not self.thresholded:
+            return self.encode(rows).to(torch.uint8)
+        thresholds = self.thresholds().detach()
+        codes = torch.empty(rows.shape, dtype=torch.uint8, device=rows.device)
+        step = max(1, chunk_numel // max(1, rows.shape[1]))
+        for start in range(0, rows.shape[0], step):
+            part = slice(start, start + step)
+            codes[part] = threshold_codes(thresholds[self.group_index[part]], rows[part])
+        return codes
+
     def _lookup(self, rows: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """:func:`~timm_qconv._kernels.lookup_codes` with this quantizer's levels and thresholds."""
         thresholds = None if self.nearest else self.thresholds().detach()[self.group_index]

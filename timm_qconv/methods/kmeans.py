@@ -73,7 +73,7 @@ def coarse_exact_init(stats: SortedGroups, n_levels: int, bins: int) -> Tensor:
     start falls into on groups of a few thousand weights."""
     frac = torch.linspace(0, 1, bins + 1, device=stats.sorted.device, dtype=torch.float64)
     edges = (frac[None, :] * stats.counts[:, None]).round().long()  # (G, bins + 1)
-    n, s1, s2 = (t.diff(dim=1) for t in (edges.double(), stats.cum1.gather(1, edges), stats.cum2.gather(1, edges)))
+    n, s1, s2 = (t.diff(dim=1) for t in (edges.double(), *stats.prefix_sums(edges)))
     return _dp_levels(n, s1, s2, n_levels)
 
 
