@@ -68,11 +68,11 @@ class SortedGroups:
         n_blocks = width // self.BLOCK
         self.block1 = self.sorted.new_zeros(n_groups, n_blocks + 1, dtype=torch.float64)
         self.block2 = torch.zeros_like(self.block1)
-        for g in range(0, n_groups, step):
-            blocks = self.sorted[g:g + step].view(-1, n_blocks, self.BLOCK).double()
+        for g in range(n_groups):  # one group at a time: its float64 copies are the only temporaries
+            blocks = self.sorted[g].view(n_blocks, self.BLOCK).double()
             blocks = torch.where(torch.isinf(blocks), 0.0, blocks)
-            torch.cumsum(blocks.sum(-1), 1, out=self.block1[g:g + step, 1:])
-            torch.cumsum(blocks.square().sum(-1), 1, out=self.block2[g:g + step, 1:])
+            torch.cumsum(blocks.sum(-1), 0, out=self.block1[g, 1:])
+            torch.cumsum(blocks.square_().sum(-1), 0, out=self.block2[g, 1:])
 
     def prefix_sums(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """Sums of the first ``positions[g, j]`` sorted weights of group ``g`` and of their squares,

@@ -89,7 +89,7 @@ class Quantizer(nn.Module):
         """Integer code of every weight of the ``(C, K)`` matrix ``rows`` -> ``(C, K)`` int64."""
         return threshold_codes(self.thresholds().detach()[self.group_index], rows).long()
 
-    def encode_uint8(self, rows: Tensor, chunk_numel: int = 1 << 20) -> Tensor:
+    def encode_uint8(self, rows: Tensor, chunk_numel: int = 1 << 18) -> Tensor:
         """:meth:`encode` as uint8 (at most 256 levels: 8 bits), a few rows at a time for
         thresholded methods: never a (C, K) int64 or float temporary, which is what bounds
         post-training quantization's memory on large layers."""
