@@ -62,7 +62,8 @@ def logits_error(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> flo
 
 
 def snapshot(bq: BitQuantizer) -> tuple:
-    return ({n: bq.layer_codes(n).clone() for n in bq.layer_names}, {n: copy.deepcopy(q.state_dict()) for n, q in bq.quantizers.items()},
+    codes = {n: bq.layer_codes(n).clone() for n in bq.layer_names}
+    return (codes, {n: copy.deepcopy(q.state_dict()) for n, q in bq.quantizers.items()},
             dict(bq.overrides), bq.report())
 
 
@@ -180,7 +181,8 @@ def test_unused_layer_stays_data_free():
     codes = bq.layer_codes("unused").clone()
     bq.calibrate(batches(64), n_samples=64)
     row = next(r for r in bq.report() if r.name == "unused")
-    assert row.out_error is None and torch.equal(bq.layer_codes("unused"), codes), "a layer never called should keep its fit"
+    assert row.out_error is None and torch.equal(bq.layer_codes("unused"), codes), \
+        "a layer never called should keep its fit"
 
 
 def _exhausted():

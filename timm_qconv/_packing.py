@@ -14,7 +14,6 @@ from torch import Tensor
 from ._errors import check_int
 from .config import MAX_BITS
 
-
 CHUNK = 1 << 18
 """Codes packed or unpacked per step (a multiple of 8, so that every chunk fills whole bytes): the
 one-byte-per-bit intermediate stays at most ``8 * CHUNK`` bytes, whatever the layer's size."""

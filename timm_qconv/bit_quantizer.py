@@ -207,7 +207,8 @@ def _identity(weight: Tensor) -> tuple[int, int]:
     return weight._version, weight.data_ptr()
 
 
-def _squared_error(quantizer: Quantizer, rows: Tensor, codes: Tensor, chunk_numel: int = 1 << 16) -> tuple[float, float]:
+def _squared_error(quantizer: Quantizer, rows: Tensor, codes: Tensor,
+                   chunk_numel: int = 1 << 16) -> tuple[float, float]:
     """``sum((q - w)**2)`` and ``sum(w**2)`` in float64 (squares of weights near 1e20 and above
     overflow float32), a few rows at a time: no (C, K) float64 temporary."""
     levels = quantizer.levels().detach()

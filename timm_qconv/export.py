@@ -458,7 +458,8 @@ def _read_batch(file: Path, keys: list[str], config: dict[str, Any], check_only:
         for key in keys:
             name = key.removesuffix(".weight")
             if key.endswith(".weight") and name in config["layers"]:
-                found = (name, config["layers"][name], opened.get_tensor(name + CODES), opened.get_tensor(name + LEVELS))
+                found = (name, config["layers"][name], opened.get_tensor(name + CODES),
+                         opened.get_tensor(name + LEVELS))
                 if check_only:
                     _checked_codes(*found)
                 else:
