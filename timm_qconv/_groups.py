@@ -11,6 +11,8 @@ one sort.
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import Tensor
 
@@ -23,6 +25,13 @@ def group_index(n_channels: int, n_groups: int, device: torch.device | None = No
 def as_rows(weight: Tensor) -> Tensor:
     """The weight as a ``(C, K)`` matrix, one row per output channel (a view when possible)."""
     return weight.reshape(weight.shape[0], -1)
+
+
+def row_chunks(n_rows: int, row_numel: int, chunk_numel: int) -> Iterator[slice]:
+    """Slices of consecutive rows of about ``chunk_numel`` elements each (at least one row): what
+    large layers are processed in, so that no temporary covers the whole layer."""
+    step = max(1, chunk_numel // max(1, row_numel))
+    return (slice(start, start + step) for start in range(0, n_rows, step))
 
 
 def midpoints(levels: Tensor) -> Tensor:

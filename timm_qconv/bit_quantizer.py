@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._errors import check_device, check_int, check_module
-from ._groups import SortedGroups, as_rows
+from ._groups import SortedGroups, as_rows, row_chunks
 from ._registry import config_owner, make_config
 from .config import QuantConfig
 from .convert import check_finite, layer_configs
@@ -211,13 +211,10 @@ def _squared_error(quantizer: Quantizer, rows: Tensor, codes: Tensor,
                    chunk_numel: int = 1 << 16) -> tuple[float, float]:
     """``sum((q - w)**2)`` and ``sum(w**2)`` in float64 (squares of weights near 1e20 and above
     overflow float32), a few rows at a time: no (C, K) float64 temporary."""
-    levels = quantizer.levels().detach()
-    step = max(1, chunk_numel // max(1, rows.shape[1]))
     error = norm = 0.0
-    for start in range(0, rows.shape[0], step):
-        part = slice(start, start + step)
+    for part in row_chunks(*rows.shape, chunk_numel):
         exact = rows[part].double()
-        q = levels[quantizer.group_index[part]].gather(1, codes[part].long()).double()
+        q = quantizer.decode(codes[part].long(), part).double()
         error += float((q - exact).square().sum())
         norm += float(exact.square().sum())
     return error, norm

@@ -51,7 +51,7 @@ from ._export_schema import (
     check_config,
     config_digest,
 )
-from ._groups import as_rows, group_index
+from ._groups import as_rows, group_index, row_chunks
 from ._packing import MAX_BITS, pack_bits, packed_size, unpack_bits
 from .atomic import atomic_directory, resolve_directory
 from .bit_quantizer import BitQuantizer
@@ -80,6 +80,9 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16:
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                       torch.uint8: "U8", torch.bool: "BOOL"}
 """The safetensors names of the dtypes a state dict may hold here."""
+
+_Entry = tuple[str, torch.dtype, list[int], Callable[[], Tensor]]
+"""One tensor of the weights file: key, dtype, shape, and how to make it when it is written."""
 
 def _layers_of(obj: Any) -> tuple[nn.Module, list[_Layer], set[str]]:
     """The model, its quantized layers, and the state-dict keys those layers own (replaced by codes
@@ -209,8 +212,7 @@ def save_quantized(model_or_quantizer: BitQuantizer | nn.Module, path: str | os.
         state.update(model_or_quantizer.overrides)
     plain = {k: v for k, v in state.items() if k not in owned}
     layer_meta = {layer.name: _layer_meta(layer) for layer in layers}
-    # What the file holds, in order: (key, dtype, shape, the tensor when it is written).
-    entries: list[tuple[str, torch.dtype, list[int], Callable[[], Tensor]]] = []
+    entries: list[_Entry] = []  # what the file holds, in order
     for layer in layers:
         meta = layer_meta[layer.name]
         for key in (layer.name + CODES, layer.name + LEVELS):
@@ -253,8 +255,7 @@ def save_quantized(model_or_quantizer: BitQuantizer | nn.Module, path: str | os.
     return directory
 
 
-def _write_safetensors(file: Path, entries: list[tuple[str, torch.dtype, list[int], Callable[[], Tensor]]],
-                       metadata: dict[str, str]) -> tuple[int, str]:
+def _write_safetensors(file: Path, entries: list[_Entry], metadata: dict[str, str]) -> tuple[int, str]:
     """Write a safetensors file one tensor at a time; return its size and sha256.
 
     The format (https://huggingface.co/docs/safetensors) is an 8-byte little-endian header length,
@@ -419,9 +420,7 @@ def _decode_layer(name: str, meta: dict, packed: Tensor, levels: Tensor, chunk_n
     # Same lookup as Quantizer.decode: levels[group_index].gather(1, codes), then the layer's dtype.
     weight = torch.empty(shape, dtype=dtype).view(n_channels, -1)
     index = group_index(n_channels, meta["groups"])
-    step = max(1, chunk_numel // max(1, weight.shape[1]))
-    for start in range(0, n_channels, step):
-        part = slice(start, start + step)
+    for part in row_chunks(*weight.shape, chunk_numel):
         weight[part] = levels[index[part]].gather(1, codes[part].long())
     return weight.view(shape)
 

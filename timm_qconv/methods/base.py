@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .._groups import SortedGroups, as_rows, group_index, midpoints
+from .._groups import SortedGroups, as_rows, group_index, midpoints, row_chunks
 from .._kernels import lookup_codes, scale_grad, straight_through, threshold_codes
 from ..config import QuantConfig
 
@@ -97,9 +97,7 @@ class Quantizer(nn.Module):
             return self.encode(rows).to(torch.uint8)
         thresholds = self.thresholds().detach()
         codes = torch.empty(rows.shape, dtype=torch.uint8, device=rows.device)
-        step = max(1, chunk_numel // max(1, rows.shape[1]))
-        for start in range(0, rows.shape[0], step):
-            part = slice(start, start + step)
+        for part in row_chunks(*rows.shape, chunk_numel):
             codes[part] = threshold_codes(thresholds[self.group_index[part]], rows[part])
         return codes
 
@@ -109,9 +107,10 @@ class Quantizer(nn.Module):
         return lookup_codes(self.levels()[self.group_index], rows, thresholds, **kwargs)
 
     # ----------------------------------------------------------------- shared machinery
-    def decode(self, codes: Tensor) -> Tensor:
-        """Quantized ``(C, K)`` float32 values of ``codes`` (differentiable in the levels)."""
-        return self.levels()[self.group_index].gather(1, codes)
+    def decode(self, codes: Tensor, channels: slice = slice(None)) -> Tensor:
+        """Quantized ``(C, K)`` float32 values of ``codes`` (differentiable in the levels); with
+        ``channels``, ``codes`` are those of that slice of the output channels only."""
+        return self.levels()[self.group_index[channels]].gather(1, codes)
 
     def quantize_rows(self, rows: Tensor) -> Tensor:
         """Quantize a ``(C, K)`` float32 matrix; gradients flow to the quantizer's parameters."""
