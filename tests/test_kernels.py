@@ -12,7 +12,7 @@ from torch import nn
 import timm_qconv
 from timm_qconv import QuantConv2d, QuantLinear, get_method, hash_loss, list_methods, quantize_model, set_kernel_backend
 from timm_qconv._batched import BatchedPath, batched_path
-from timm_qconv._kernels import compact_codes, compiler_works, get_backend, set_backend
+from timm_qconv._kernels import _count_above_binned, compact_codes, compiler_works, get_backend, set_backend
 from timm_qconv.layers import WeightOverride
 
 
@@ -331,16 +331,25 @@ def test_hash_loss_is_recomputed_once_the_weight_changed_after_the_forward():
     assert torch.allclose(layer.hash_loss(), reference_hash_loss(layer)), "hash loss after the edit differs"
 
 
+@pytest.mark.parametrize("repeated", [False, True])
 @pytest.mark.parametrize("n_levels", [2, 3, 4, 7, 8, 16, 17, 32, 33, 64, 100, 256, 300])
-def test_codes_equal_a_binary_search_including_ties_and_repeated_levels(n_levels):
+def test_codes_equal_a_binary_search_including_ties_and_repeated_levels(n_levels, repeated, monkeypatch):
     generator = torch.Generator().manual_seed(n_levels)
-    table = torch.sort(torch.randn(6, n_levels, generator=generator), 1).values
-    table[1, : n_levels // 2] = table[1, 0]  # repeated levels: several midpoints equal
+    # spread as fitted levels are (a sorted Gaussian sample would leave its tail levels far apart)
+    spacing = 0.5 + torch.rand(6, n_levels, generator=generator)
+    table = (spacing.cumsum(1) - spacing.sum(1, keepdim=True) / 2) / n_levels
+    if repeated:
+        table[1, : n_levels // 2] = table[1, 0]  # several midpoints equal
     rows = torch.randn(6, 300, generator=generator)
     mids = (table[:, 1:] + table[:, :-1]) / 2
     rows[:, :n_levels - 1] = mids  # weights exactly on a midpoint go to the lower level
     rows[2, -1], rows[3, -1] = float("inf"), float("-inf")
+    rows[4, -2], rows[4, -1] = table[4, 0] - 1e-3, table[4, -1] + 1e-3  # outside the thresholds' range
     expected = torch.searchsorted(mids.contiguous(), rows.contiguous())
+    if 16 < n_levels <= 256:  # no binary search: by bins, or in blocks where levels repeat
+        monkeypatch.setattr(torch, "searchsorted", None)
+        binned = _count_above_binned(rows, mids)
+        assert (binned is None) == repeated, f"{n_levels} levels: binned search {'not ' * repeated}expected"
     codes = compact_codes(table, rows)
     expected_dtype = torch.uint8 if n_levels <= 256 else torch.int64
     assert codes.dtype == expected_dtype, f"{n_levels} levels: codes of dtype {codes.dtype}, expected {expected_dtype}"
