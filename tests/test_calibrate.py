@@ -185,6 +185,69 @@ def test_unused_layer_stays_data_free():
         "a layer never called should keep its fit"
 
 
+class Branching(nn.Module):
+    """A residual block, a layer called twice, and a branch taken by some batches only."""
+
+    def __init__(self, shared: bool, branch: bool) -> None:
+        super().__init__()
+        self.shared, self.branch = shared, branch
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.side = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        if self.branch and x.shape[0] == 16:  # the last batch takes the side layer first
+            x = self.side(x)
+        x = x + self.body(x)
+        if self.shared:
+            x = self.body(x)
+        x = self.side(x)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("shared, branch", [(False, False), (True, False), (False, True)])
+def test_stepped_forwards_give_what_running_again_gives(shared, branch):
+    # Stepping each batch's forward through the layers must equal running it again up to each
+    # layer, bit for bit: also where a layer is called twice or a batch calls the layers in another order.
+    torch.manual_seed(0)
+    model = Branching(shared, branch).eval()
+    data = [torch.randn(32, 3, 8, 8), torch.randn(32, 3, 8, 8), torch.randn(16, 3, 8, 8)]
+    results = []
+    for step in (True, False):
+        bq = BitQuantizer(model, 4, 2, layers=(nn.Conv2d, nn.Linear)).train_hash_functions(5)
+        bq.calibrate(data, n_samples=80, step_forwards=step)
+        results.append(snapshot(bq))
+    (codes, states, overrides, report), (codes2, states2, overrides2, report2) = results
+    assert all(torch.equal(codes[n], codes2[n]) for n in codes), "codes differ between stepped and re-run forwards"
+    assert all(torch.equal(states[n][k], states2[n][k]) for n in states for k in states[n]), "levels differ"
+    assert overrides.keys() == overrides2.keys() and all(torch.equal(overrides[k], overrides2[k]) for k in overrides)
+    assert [r.out_error for r in report] == [r.out_error for r in report2], "output errors differ"
+
+
+def test_an_error_in_a_stepped_forward_reaches_the_caller_and_changes_nothing():
+    class FailsOnSmallBatches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = trained_net()
+
+        def forward(self, x):
+            x = self.net[0](x)
+            if x.shape[0] < 32:
+                raise RuntimeError("this model needs batches of 32")
+            return self.net[1:](x)
+
+    model = FailsOnSmallBatches()
+    bq = BitQuantizer(model, 4, 2, layers=(nn.Conv2d, nn.Linear)).train_hash_functions(3)
+    before = snapshot(bq)
+    data = [torch.randn(32, 3, 8, 8), torch.randn(8, 3, 8, 8)]
+    with pytest.raises(RuntimeError, match="batches of 32"):  # no BatchNorm pass: the stepped forward fails
+        bq.calibrate(data, n_samples=40, bn_reestimate="never")
+    assert same_snapshot(before, snapshot(bq)), "a failed calibrate must leave the BitQuantizer as it was"
+    assert not any(m._forward_pre_hooks for m in model.modules()), "hooks left on the model"
+
+
 def _exhausted():
     it = iter(batches(64))
     list(it)

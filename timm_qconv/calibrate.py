@@ -6,10 +6,12 @@ the second moments of a layer's input columns, the output error of a quantized w
 ``tr((W - Q) H (W - Q)^T)``. :func:`calibrate` walks the layers in the order the model calls them
 and, for each one:
 
-1. collects ``H`` (and the input mean) by running the calibration inputs through the model whose
-   earlier layers are *already quantized*, stopping at the layer. The layer thus learns to undo
-   the error of the layers before it (sequential calibration, as GPTQ and AdaRound do); memory holds
-   one layer's ``H`` at a time (``K x K``, ``K`` = inputs of one output channel).
+1. collects ``H`` (and the input mean) from the calibration inputs as they reach the layer through
+   the model whose earlier layers are *already quantized*. The layer thus learns to undo the
+   error of the layers before it (sequential calibration, as GPTQ and AdaRound do); memory holds
+   one layer's ``H`` at a time (``K x K``, ``K`` = inputs of one output channel). Each batch's
+   forward runs once, paused before each layer in turn (:mod:`timm_qconv._stepped_forward`),
+   rather than again from the input for every layer.
 2. re-assigns its weights to the group's levels by GPTQ's column-by-column rounding with error
    feedback through ``H^-1`` (Optimal Brain Quantization: Frantar & Alistarh, NeurIPS 2022; GPTQ:
    Frantar et al., ICLR 2023), with the largest-input columns first;
@@ -35,9 +37,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +49,7 @@ from tqdm.auto import tqdm
 from ._errors import check_choice, check_float, check_int
 from ._gptq import InputStats, blocks, gptq_codes, gptq_factor, refit_levels, row_tables
 from ._groups import as_rows
+from ._stepped_forward import SteppedForward
 from .report import QuantReport
 
 if TYPE_CHECKING:
@@ -71,6 +75,10 @@ class CalibrationConfig:
         asymmetric: match each layer's output to the *float* model's output for the same input
             (``W f`` vs ``Q x``), not to the float layer's output on the quantized input (``W x``);
             costs a forward of the float model per layer.
+        step_forwards: run each batch's forward once for all layers, paused before each one in
+            turn, instead of again up to each layer (about two forwards per batch instead of half
+            the model per layer), where the paused forwards' activations (roughly three times the
+            largest layer input, for every calibration input) fit in half the free memory.
     """
 
     n_samples: int = 512
@@ -82,13 +90,14 @@ class CalibrationConfig:
     bias_correction: bool = True
     bn_reestimate: str = "auto"
     asymmetric: bool = True
+    step_forwards: bool = True
 
     def __post_init__(self) -> None:
         check_int("n_samples", self.n_samples, 1)
         check_int("rounds", self.rounds, 1)
         check_float("damp", self.damp, 0.0, strict=False)
         check_choice("bn_reestimate", self.bn_reestimate, BN_CHOICES)
-        for name in ("gptq", "refit", "act_order", "bias_correction", "asymmetric"):
+        for name in ("gptq", "refit", "act_order", "bias_correction", "asymmetric", "step_forwards"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r} must be True or False")
 
@@ -136,11 +145,17 @@ def collect_inputs(loader: Iterable, n_samples: int) -> list[Tensor]:
     return batches
 
 
-def _call_order(model: nn.Module, modules: dict[str, nn.Module], x: Tensor) -> dict[str, int]:
-    """The layers in the order of their first call in a forward of ``x``, with their number of calls."""
+def _call_order(model: nn.Module, modules: dict[str, nn.Module], x: Tensor) -> tuple[dict[str, int], int]:
+    """The layers in the order of their first call in a forward of ``x``, with their number of
+    calls; and the size in bytes of the largest input of a layer, per sample."""
     calls: dict[str, int] = {}
-    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
-               for name, m in modules.items()]
+    largest = [0]
+
+    def count(module: nn.Module, args: tuple, name: str) -> None:
+        calls[name] = calls.get(name, 0) + 1
+        largest[0] = max(largest[0], args[0].numel() * args[0].element_size() // max(len(x), 1))
+
+    handles = [m.register_forward_pre_hook(functools.partial(count, name=name)) for name, m in modules.items()]
     try:
         model(x)
     except Exception as error:
@@ -149,7 +164,19 @@ def _call_order(model: nn.Module, modules: dict[str, nn.Module], x: Tensor) -> d
     finally:
         for h in handles:
             h.remove()
-    return calls
+    return calls, largest[0]
+
+
+def _free_memory(device: torch.device) -> float:
+    """Bytes free on ``device``: CUDA's count, else the system's available memory (inf if unknown)."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return float(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return float("inf")
 
 
 def _run_until(model: nn.Module, layer: nn.Module, calls: int, x: Tensor, take: Any) -> None:
@@ -171,19 +198,60 @@ def _run_until(model: nn.Module, layer: nn.Module, calls: int, x: Tensor, take: 
         handle.remove()
 
 
-def _layer_inputs(model: nn.Module, float_model: nn.Module | None, name: str, rows: Tensor, calls: int,
-                  batches: list[Tensor], device: torch.device) -> InputStats:
-    """The layer's input statistics over all batches, on the quantized model and (if given) the float one."""
-    layer = dict(model.named_modules())[name]
-    stats = InputStats(layer, rows)
-    float_layer = None if float_model is None else dict(float_model.named_modules())[name]
-    for x in batches:
-        x = x.to(device, torch.float32)
+class _LayerInputs:
+    """The inputs of the layers, one layer after the other, on the quantized model and (if given)
+    the float one, batch by batch.
+
+    With ``step``, each batch's forward runs once for the whole calibration, paused before each
+    layer in turn (:class:`SteppedForward`): about two forwards per batch in all, where running
+    each forward again up to each layer costs half the model per layer. Otherwise, or where a
+    batch's forward cannot be stepped (its call order differs), the forward is run again up to
+    the layer's last call.
+    """
+
+    def __init__(self, model: nn.Module, float_model: nn.Module | None, layers: dict[str, nn.Module],
+                 calls: dict[str, int], batches: list[Tensor], device: torch.device, step: bool) -> None:
+        self.model, self.float_model, self.layers, self.calls = model, float_model, layers, calls
+        self.batches, self.device = batches, device
+        self.float_layers = {} if float_model is None else {
+            name: module for name, module in float_model.named_modules() if name in layers}
+        self.stepped: list[tuple[SteppedForward, SteppedForward | None] | None] = [
+            (SteppedForward(model, x.to(device, torch.float32), layers),
+             None if float_model is None else SteppedForward(float_model, x.to(device, torch.float32),
+                                                               self.float_layers))
+            if step else None for x in batches]
+
+    def __call__(self, name: str) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """``(input, float model's input)`` of every call of layer ``name``, batch by batch."""
+        for index, x in enumerate(self.batches):
+            runs = self.stepped[index]
+            if runs is not None:
+                floats = None if runs[1] is None else runs[1].advance(name)
+                inputs = runs[0].advance(name)
+                if inputs is not None and (floats is not None or runs[1] is None):
+                    yield inputs, floats
+                    continue
+                self._close(index)  # cannot step this batch to this layer: run it again from now on
+            yield from self._run_again(name, x.to(self.device, torch.float32))
+
+    def _run_again(self, name: str, x: Tensor) -> Iterator[tuple[Tensor, Tensor | None]]:
         floats: list[Tensor] = []
-        if float_layer is not None:
-            _run_until(float_model, float_layer, calls, x, floats.append)
-        _run_until(model, layer, calls, x, lambda inp: stats.add(inp, floats.pop(0) if floats else None))
-    return stats
+        if self.float_model is not None:
+            _run_until(self.float_model, self.float_layers[name], self.calls[name], x, floats.append)
+        inputs: list[Tensor] = []
+        _run_until(self.model, self.layers[name], self.calls[name], x, inputs.append)
+        for i, inp in enumerate(inputs):
+            yield inp, (floats[i] if i < len(floats) else None)
+
+    def _close(self, index: int) -> None:
+        runs, self.stepped[index] = self.stepped[index], None
+        for run in runs or ():
+            if run is not None:
+                run.close()
+
+    def close(self) -> None:
+        for index in range(len(self.stepped)):
+            self._close(index)
 
 
 @torch.no_grad()
@@ -272,7 +340,10 @@ def calibrate(bq: "BitQuantizer", loader: Iterable, config: CalibrationConfig) -
     float_model = copy.deepcopy(working) if config.asymmetric else None
     modules = dict(working.named_modules())
     layers = {name: modules[name] for name in bq.layer_names}
-    calls = _call_order(working, layers, batches[0].to(device, torch.float32))
+    calls, largest_input = _call_order(working, layers, batches[0].to(device, torch.float32))
+    n_inputs = sum(len(x) for x in batches)
+    paused_bytes = 3 * largest_input * n_inputs * (1 if float_model is None else 2)
+    step = config.step_forwards and all(n == 1 for n in calls.values()) and paused_bytes <= _free_memory(device) / 2
     reference = []  # the float model's outputs, to judge the BatchNorm re-estimation by
     if config.bn_reestimate == "auto" and _bn_modules(working):
         reference = [working(x.to(device, torch.float32)).float() for x in batches]
@@ -281,30 +352,36 @@ def calibrate(bq: "BitQuantizer", loader: Iterable, config: CalibrationConfig) -
     old_reports = {r.name: r for r in bq._report}
     items = tqdm(order, desc=f"calibrating {bq.method.name} {bq.config.n_bits}-bit", unit="layer",
                  disable=not bq.verbose)
-    for name in items:
-        original = bq.modules[name]
-        old = old_reports[name]
-        if name not in calls:
-            reports.append(dataclasses.replace(old, data_free_sq_error=old.sq_error))
-            continue
-        rows = as_rows(original.weight.detach()).to(device, torch.float32)
-        stats = _layer_inputs(working, float_model, name, rows, calls[name], batches, device)
-        stats.centered = config.bias_correction and original.bias is not None
-        quantizer, new_codes, before, after, ref = calibrate_layer(
-            copy.deepcopy(quantizers[name]).to(device), rows, bq.layer_codes(name).to(device), stats, config)
-        q = quantizer.decode(new_codes)
-        layers[name].weight.data.copy_(q.view(layers[name].weight.shape))
-        if config.bias_correction and original.bias is not None:  # mean of W f - Q x
-            shift = ((stats.w * stats.mean_float()[:, None, :]).sum(-1)
-                     - (blocks(q, stats.n_blocks) * stats.mean()[:, None, :]).sum(-1))
-            shift = shift.reshape(-1)
-            layers[name].bias.data += shift
-            overrides[f"{name}.bias"] = layers[name].bias.detach().to(original.bias.device, original.bias.dtype).clone()
-        quantizers[name], codes[name] = quantizer, new_codes.to(torch.uint8)
-        reports.append(dataclasses.replace(
-            old, sq_error=float((q - rows).pow(2).sum()), data_free_sq_error=old.sq_error,
-            out_error=after / ref if ref > 0 else 0.0, data_free_out_error=before / ref if ref > 0 else 0.0))
-        del stats
+    layer_inputs = _LayerInputs(working, float_model, {n: layers[n] for n in calls}, calls, batches, device, step)
+    try:
+        for name in items:
+            original = bq.modules[name]
+            old = old_reports[name]
+            if name not in calls:
+                reports.append(dataclasses.replace(old, data_free_sq_error=old.sq_error))
+                continue
+            rows = as_rows(original.weight.detach()).to(device, torch.float32)
+            stats = InputStats(layers[name], rows)
+            for inputs, floats in layer_inputs(name):
+                stats.add(inputs, floats)
+            stats.centered = config.bias_correction and original.bias is not None
+            quantizer, new_codes, before, after, ref = calibrate_layer(
+                copy.deepcopy(quantizers[name]).to(device), rows, bq.layer_codes(name).to(device), stats, config)
+            q = quantizer.decode(new_codes)
+            layers[name].weight.data.copy_(q.view(layers[name].weight.shape))
+            if config.bias_correction and original.bias is not None:  # mean of W f - Q x
+                shift = ((stats.w * stats.mean_float()[:, None, :]).sum(-1)
+                         - (blocks(q, stats.n_blocks) * stats.mean()[:, None, :]).sum(-1))
+                bias = layers[name].bias
+                bias.data += shift.reshape(-1)
+                overrides[f"{name}.bias"] = bias.detach().to(original.bias.device, original.bias.dtype).clone()
+            quantizers[name], codes[name] = quantizer, new_codes.to(torch.uint8)
+            reports.append(dataclasses.replace(
+                old, sq_error=float((q - rows).pow(2).sum()), data_free_sq_error=old.sq_error,
+                out_error=after / ref if ref > 0 else 0.0, data_free_out_error=before / ref if ref > 0 else 0.0))
+            del stats
+    finally:
+        layer_inputs.close()
     if _bn_modules(working) and config.bn_reestimate != "never":
         before = _outputs_error(working, reference, batches, device) if reference else None
         state = {k: v.clone() for k, v in working.state_dict().items()}
