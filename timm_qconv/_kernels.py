@@ -338,8 +338,6 @@ def _count_above_binned(rows: Tensor, thresholds: Tensor) -> Tensor | None:
     bin is below the weight and one in a later bin above it, whatever the rounding.
     At 256 levels this takes a third of the time of a binary search by comparisons.
     """
-    if not bool(torch.isfinite(thresholds).all()):
-        return None
     n_channels, n_thresholds = thresholds.shape
     low = thresholds[:, :1]
     span = thresholds[:, -1:] - low
@@ -351,13 +349,17 @@ def _count_above_binned(rows: Tensor, thresholds: Tensor) -> Tensor | None:
 
     n_bins = 4 * (n_thresholds + 1)
     scale = n_bins / span
-    scale = torch.where(torch.isfinite(scale), scale, 0.0)  # one repeated threshold: one bin
+    # a row of one repeated threshold, or with infinite or NaN ones: all in one bin, found crowded
+    scale = torch.where(torch.isfinite(scale), scale, 0.0)
     threshold_bins = bin_of(thresholds, scale, n_bins, torch.empty_like(thresholds)).long()
-    # Sorted thresholds have non-decreasing bins: k + 1 share a bin iff some j has bin[j] == bin[j + k].
+    def crowded(k: int) -> bool:
+        # Sorted thresholds have non-decreasing bins: k + 1 share a bin iff some j has bin[j] == bin[j + k].
+        return k < n_thresholds and bool((threshold_bins[:, k:] == threshold_bins[:, :-k]).any())
+
+    if crowded(MAX_BIN_THRESHOLDS):
+        return None
     k = 1
-    while k < n_thresholds and bool((threshold_bins[:, k:] == threshold_bins[:, :-k]).any()):
-        if k == MAX_BIN_THRESHOLDS:
-            return None
+    while crowded(k):
         k += 1
     per_bin = torch.zeros(n_channels, n_bins, dtype=torch.long, device=rows.device)
     per_bin.scatter_add_(1, threshold_bins, torch.ones_like(threshold_bins))
