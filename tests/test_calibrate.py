@@ -226,6 +226,37 @@ def test_stepped_forwards_give_what_running_again_gives(shared, branch):
     assert [r.out_error for r in report] == [r.out_error for r in report2], "output errors differ"
 
 
+class SwitchesModes(nn.Module):
+    """A forward that runs one layer under bfloat16 autocast and the head with grad mode on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x = torch.relu(self.b(x))
+        with torch.enable_grad():
+            return self.head(x.float().mean((2, 3)))
+
+
+def test_settings_a_forward_changes_do_not_leak_out_of_a_paused_forward():
+    # Paused inside its autocast block, a stepped forward must not leave autocast on for the
+    # calibration's own arithmetic (nor for the other batches' forwards).
+    torch.manual_seed(0)
+    model = SwitchesModes().eval()
+    data = [torch.randn(16, 3, 8, 8) for _ in range(3)]
+    results = []
+    for step in (True, False):
+        bq = BitQuantizer(model, 4, 2, layers=(nn.Conv2d, nn.Linear)).train_hash_functions(5)
+        bq.calibrate(data, n_samples=48, step_forwards=step)
+        results.append(snapshot(bq))
+    assert all(torch.equal(results[0][0][n], results[1][0][n]) for n in results[0][0]), "codes differ"
+    assert [r.out_error for r in results[0][3]] == [r.out_error for r in results[1][3]], "output errors differ"
+    assert torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"), "the caller's settings changed"
+
+
 def test_an_error_in_a_stepped_forward_reaches_the_caller_and_changes_nothing():
     class FailsOnSmallBatches(nn.Module):
         def __init__(self):

@@ -12,6 +12,11 @@ team, and once more OpenMP threads exist than cores, libgomp stops letting idle 
 small operation of the caller then waits for its team to wake up (GPTQ's column loop on resnet18
 took 30% longer with eight paused forward threads). A greenlet adds no thread.
 
+A greenlet shares its thread's PyTorch settings (grad mode, autocast), which a forward may change
+for part of its run (``with torch.autocast(...)`` around some layers): :meth:`SteppedForward.advance`
+swaps them, so that the caller never runs with the forward's settings nor the forward with the
+caller's later ones.
+
 A paused forward holds what it keeps alive at that point (a ResNet: the block's input and the
 current activation), for its batch only.
 """
@@ -21,7 +26,23 @@ import contextvars
 from typing import Any
 
 import greenlet
+import torch
 from torch import Tensor, nn
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _settings() -> tuple:
+    """This thread's grad mode and autocast state, as a forward's ``with`` blocks may change them."""
+    return (torch.is_grad_enabled(),
+            *((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES))
+
+
+def _restore(settings: tuple) -> None:
+    torch.set_grad_enabled(settings[0])
+    for device, (enabled, dtype) in zip(_AUTOCAST_DEVICES, settings[1:]):
+        torch.set_autocast_enabled(device, enabled)
+        torch.set_autocast_dtype(device, dtype)
 
 
 class SteppedForward:
@@ -31,7 +52,7 @@ class SteppedForward:
     returns the input of the named layer's next call, or ``None`` when the forward cannot give it
     any more: the layer was already passed (another call order than expected) or the forward has
     ended; the caller then runs the model again itself. Errors of the forward are raised by
-    :meth:`advance`. The forward runs with the caller's grad mode and settings. Always
+    :meth:`advance`. The forward starts with the caller's grad mode and autocast state. Always
     :meth:`close` it (it is a context manager): a paused forward holds its activations.
     """
 
@@ -41,8 +62,19 @@ class SteppedForward:
         self.passed: set[str] = set()
         self.finished = False
         self._greenlet = greenlet.greenlet(self._work)
-        self._greenlet.gr_context = contextvars.copy_context()  # the caller's settings (kernel backend, ...)
+        self._greenlet.gr_context = contextvars.copy_context()  # the caller's context (kernel backend, ...)
+        self._settings = _settings()  # the forward's grad mode and autocast: the caller's, to start with
         self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in layers.items()]
+
+    def _switch(self, into: Any, *args: Any) -> Any:
+        """``into(*args)`` (a switch to the forward) with the forward's settings; the caller's back after."""
+        caller = _settings()
+        _restore(self._settings)
+        try:
+            return into(*args)
+        finally:
+            self._settings = _settings()
+            _restore(caller)
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -66,7 +98,7 @@ class SteppedForward:
             return None
         self.target = name
         try:
-            value = self._greenlet.switch(name)  # starts the forward, or resumes it in the hook
+            value = self._switch(self._greenlet.switch, name)  # starts the forward, or resumes it in the hook
         except BaseException:
             self.finished = True
             raise
@@ -78,7 +110,7 @@ class SteppedForward:
     def close(self) -> None:
         """Stop the forward where it waits (unwinding its frames) and remove the hooks."""
         if self._greenlet and not self._greenlet.dead:
-            self._greenlet.throw(greenlet.GreenletExit)
+            self._switch(self._greenlet.throw, greenlet.GreenletExit)
         self.finished = True
         for handle in self._handles:
             handle.remove()
