@@ -7,6 +7,8 @@ Prints one table:
   and ``resnet50`` at batch 128 x 3 x 224 x 224, every Conv2d quantized (hash, 32 groups);
 * ``BitQuantizer(model, 32, 4, device="cuda").train_hash_functions(50)`` on ``resnet50`` and
   ``vit_large_patch16_224`` against one sort + one bucketize of the same weights on the GPU;
+* ``BitQuantizer.calibrate`` of resnet18 at 2 bits with float32 and bfloat16 weights on the GPU,
+  against the same calibration on the CPU;
 * ``accelerate launch`` of ``recipes/resnet34_q.py`` with 2 processes (``--multi_gpu`` with two or
   more GPUs; with one GPU, one process on it) for a few steps on synthetic Fashion-MNIST-shaped
   files (the machine needs no data or network).
@@ -120,6 +122,37 @@ def ptq_row(model_name: str) -> list[str]:
             f"{fitted / base:.2f} ({fitted:.2f} s / {base:.2f} s)"]
 
 
+def calibrate_rows(device: str = "cuda", n_samples: int = 512) -> list[list[str]]:
+    """``BitQuantizer.calibrate`` on ``device`` (issue 9): timm resnet18 (1 channel, standard stem) at
+    2 bits, ``n_samples`` random 32x32 inputs, float32 and bfloat16 weights; its time, and the mean
+    of the layers' output errors beside the same calibration's on the CPU (float32)."""
+    import timm
+
+    from timm_qconv import BitQuantizer
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", in_chans=1, num_classes=10).eval()
+    x = torch.randn(n_samples, 1, 32, 32)
+    loader = [x[i:i + 128] for i in range(0, n_samples, 128)]
+
+    def mean_output_error(bq: BitQuantizer) -> float:
+        return statistics.mean(r.out_error for r in bq.report() if r.out_error is not None)
+
+    on_cpu = mean_output_error(BitQuantizer(model, 32, 2).train_hash_functions(50).calibrate(loader, n_samples))
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        bq = BitQuantizer(copy.deepcopy(model).to(device, dtype), 32, 2, device=device).train_hash_functions(50)
+        start = time.perf_counter()
+        bq.calibrate(loader, n_samples)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        rows.append([f"resnet18 calibrate, 2 bits, {n_samples} inputs, {str(dtype)[6:]} weights on {device}",
+                     "time; mean output error (CPU float32)",
+                     f"{seconds:.1f} s; {mean_output_error(bq):.4f} ({on_cpu:.4f})"])
+    return rows
+
+
 def _write_idx(path: Path, data: torch.Tensor) -> None:
     header = b"\0\0\x08" + bytes([data.dim()]) + struct.pack(f">{data.dim()}I", *data.shape)
     path.write_bytes(header + data.to(torch.uint8).numpy().tobytes())
@@ -162,7 +195,7 @@ def main() -> None:
           f"{args.steps} paired steps per ratio\n")
     rows = [*qat_rows("resnet34", 32, 128, args.bits, args.steps),
             *qat_rows("resnet50", 224, 128, args.bits, args.steps),
-            ptq_row("resnet50"), ptq_row("vit_large_patch16_224")]
+            ptq_row("resnet50"), ptq_row("vit_large_patch16_224"), *calibrate_rows()]
     with tempfile.TemporaryDirectory() as folder:
         rows.append(recipe_row(Path(folder)))
     print("| setup | measure | result |")
