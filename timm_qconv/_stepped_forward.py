@@ -83,10 +83,10 @@ class SteppedForward:
             if name != self.target:
                 self.passed.add(name)
                 return
-            self.target = self._greenlet.parent.switch(args[0])  # back to advance(), with the input
+            self._greenlet.parent.switch(args[0])  # back to advance(), with the input; resumed by the next
         return hook
 
-    def _work(self, target: str) -> None:  # the first switch's argument: self.target already
+    def _work(self) -> None:
         self.model(self.x)
 
     def advance(self, name: str) -> Tensor | None:
@@ -98,7 +98,7 @@ class SteppedForward:
             return None
         self.target = name
         try:
-            value = self._switch(self._greenlet.switch, name)  # starts the forward, or resumes it in the hook
+            value = self._switch(self._greenlet.switch)  # starts the forward, or resumes it in the hook
         except BaseException:
             self.finished = True
             raise
