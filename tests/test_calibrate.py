@@ -122,6 +122,26 @@ def test_every_method_keeps_its_family_and_does_not_get_worse(method):
         assert layer.out_error <= layer.data_free_out_error + 1e-9, f"{method}: layer {layer.name} got worse"
 
 
+def test_log_calibration_also_starts_from_other_scales_and_keeps_the_best(monkeypatch):
+    from timm_qconv.methods.scaled_shape import ScaledShapeQuantizer
+
+    bq = BitQuantizer(trained_net(), 4, 2, layers=(nn.Conv2d, nn.Linear), method="log").train_hash_functions(10)
+    quantizer = next(iter(bq.quantizers.values()))
+    levels = quantizer.levels().detach().clone()
+    starts = quantizer.calibration_starts()
+    assert [float((s.levels().detach() / levels).nanmean()) for s in starts] == pytest.approx(
+        list(ScaledShapeQuantizer.CALIBRATION_SCALES), rel=1e-5), "starts should be the fitted levels rescaled"
+    assert torch.equal(quantizer.levels(), levels), "making the starts changed the quantizer"
+    errors = {}
+    for scales in ((), ScaledShapeQuantizer.CALIBRATION_SCALES):
+        monkeypatch.setattr(ScaledShapeQuantizer, "CALIBRATION_SCALES", scales)
+        fitted = BitQuantizer(trained_net(), 4, 2, layers=(nn.Conv2d, nn.Linear), method="log")
+        fitted.train_hash_functions(10).calibrate(batches(), n_samples=128)
+        errors[scales] = [r.out_error for r in fitted.report()]
+    for one, several in zip(errors[()], errors[ScaledShapeQuantizer.CALIBRATION_SCALES]):
+        assert several <= one, "more starting scales gave a higher output error"
+
+
 def test_hash_levels_stay_plus_minus_basis_combinations():
     bq = BitQuantizer(trained_net(), 4, 2, layers=(nn.Conv2d, nn.Linear)).train_hash_functions(5)
     bq.calibrate(batches(64), n_samples=64)

@@ -18,7 +18,9 @@ and, for each one:
 3. refits the levels for the new codes by least squares on the output error, within the method's
    family (``Quantizer.level_design``: the ±basis of ``hash`` as in LQ-Nets, free levels for
    ``kmeans``, the scale of ``log``), and repeats 2-3 ``rounds`` times, keeping the best; the
-   data-free result is a candidate too, so a layer never gets worse on the calibration data;
+   data-free result is a candidate too, so a layer never gets worse on the calibration data.
+   Methods with one parameter per group (``log``'s scale) also start from other scales
+   (``Quantizer.calibration_starts``): the alternation settles near where it starts;
 4. corrects its bias for the mean output shift ``(W - Q) E[x]`` (bias correction: Nagel et al.,
    "Data-Free Quantization Through Weight Equalization and Bias Correction", ICCV 2019), for layers
    that have a bias.
@@ -260,7 +262,8 @@ def calibrate_layer(quantizer: nn.Module, rows: Tensor, codes: Tensor, stats: In
     """Best quantizer and codes for one layer; returns ``(quantizer, codes, error before, after, reference)``.
 
     The errors are output errors ``tr((W - Q) H (W - Q)^T)``; the reference is ``tr(W H W^T)``.
-    ``quantizer`` is not modified (a copy is refined).
+    ``quantizer`` is not modified (copies are refined: of it, and of each of its
+    :meth:`~timm_qconv.methods.base.Quantizer.calibration_starts`).
     """
     n_blocks = stats.n_blocks
     h = stats.gram()
@@ -273,25 +276,28 @@ def calibrate_layer(quantizer: nn.Module, rows: Tensor, codes: Tensor, stats: In
 
     before = error(quantizer, codes)
     best = (before, quantizer, codes)
-    current = copy.deepcopy(quantizer)
     factor = gptq_factor(h, config.act_order, damp) if config.gptq else None
-    for _ in range(config.rounds):
-        if config.gptq:
-            tables, codes_of = row_tables(current, n_blocks)
-            codes = gptq_codes(w, factor, tables, codes_of)
-            if (e := error(current, codes)) < best[0]:
-                best = (e, copy.deepcopy(current), codes)
-        if config.refit:
-            refitted = refit_levels(current, w, codes, h)
-            if refitted is None:
-                if not config.gptq:
-                    break
-                continue
-            codes = refitted
-            if (e := error(current, codes)) < best[0]:
-                best = (e, copy.deepcopy(current), codes)
-        if not config.gptq and not config.refit:
-            break
+    for start in (quantizer, *quantizer.calibration_starts()):  # the method's other starting levels
+        current = copy.deepcopy(start)
+        if start is not quantizer:
+            codes = blocks(start.encode(rows), n_blocks)
+        for _ in range(config.rounds):
+            if config.gptq:
+                tables, codes_of = row_tables(current, n_blocks)
+                codes = gptq_codes(w, factor, tables, codes_of)
+                if (e := error(current, codes)) < best[0]:
+                    best = (e, copy.deepcopy(current), codes)
+            if config.refit:
+                refitted = refit_levels(current, w, codes, h)
+                if refitted is None:
+                    if not config.gptq:
+                        break
+                    continue
+                codes = refitted
+                if (e := error(current, codes)) < best[0]:
+                    best = (e, copy.deepcopy(current), codes)
+            if not config.gptq and not config.refit:
+                break
     return best[1], best[2].reshape(rows.shape), before, best[0], stats.reference()
 
 

@@ -201,6 +201,13 @@ class Quantizer(nn.Module):
         """
         return None
 
+    def calibration_starts(self) -> list["Quantizer"]:
+        """Other starting points for calibration's alternation of code assignment and level refit,
+        which can settle near where it starts: copies with other levels in the method's family.
+        Calibration runs from this quantizer and from each of these, keeping what gives the lowest
+        output error. Default: none."""
+        return []
+
     def set_level_params_(self, params: Tensor) -> Tensor:
         """Write the parameters ``(G, P)`` solved for :meth:`level_design`'s ``D`` (in place).
 

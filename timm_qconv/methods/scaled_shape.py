@@ -7,6 +7,9 @@ above (:func:`scale_bound`) so that one outlier weight cannot drive the levels t
 """
 from __future__ import annotations
 
+import copy
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -79,6 +82,21 @@ class ScaledShapeQuantizer(Quantizer):
 
     def level_design(self) -> Tensor:
         return self.shape[None, :, None].expand(self.n_groups, -1, 1)
+
+    #: Calibration also starts from the fitted scale times these: one parameter per group makes the
+    #: alternation of assignment and refit settle near its start, and the scale that minimises the
+    #: weight error is not the one that minimises the output error (log, 2 bits, LeNet-5: starting
+    #: a quarter octave higher lowered every layer's output error by 15-30%).
+    CALIBRATION_SCALES = (2 ** -0.25, 2 ** 0.25, 2 ** 0.5)
+
+    def calibration_starts(self) -> list[Quantizer]:
+        starts = []
+        for factor in self.CALIBRATION_SCALES:
+            start = copy.deepcopy(self)
+            with torch.no_grad():
+                start.log_scale.add_(math.log(factor))
+            starts.append(start)
+        return starts
 
     @torch.no_grad()
     def set_level_params_(self, params: Tensor) -> Tensor:
