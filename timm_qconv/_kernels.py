@@ -352,6 +352,7 @@ def _count_above_binned(rows: Tensor, thresholds: Tensor) -> Tensor | None:
     # a row of one repeated threshold, or with infinite or NaN ones: all in one bin, found crowded
     scale = torch.where(torch.isfinite(scale), scale, 0.0)
     threshold_bins = bin_of(thresholds, scale, n_bins, torch.empty_like(thresholds)).long()
+
     def crowded(k: int) -> bool:
         # Sorted thresholds have non-decreasing bins: k + 1 share a bin iff some j has bin[j] == bin[j + k].
         return k < n_thresholds and bool((threshold_bins[:, k:] == threshold_bins[:, :-k]).any())
@@ -400,7 +401,6 @@ def _count_above_in_blocks(rows: Tensor, thresholds: Tensor) -> Tensor:
         else:
             count += torch.gt(rows, threshold, out=above)
     return count.add_(blocks, alpha=block)
-
 
 
 def compact_codes(table: Tensor, rows: Tensor) -> Tensor:
