@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from timm_qconv import BitQuantizer, hookimpl, list_methods, load_quantized, save_quantized
+from timm_qconv._stepped_forward import SteppedForward
 from timm_qconv.calibrate import CalibrationConfig, collect_inputs
 from timm_qconv.plugins import get_plugin_manager
 
@@ -259,6 +260,24 @@ class SwitchesModes(nn.Module):
             x = torch.relu(self.b(x))
         with torch.enable_grad():
             return self.head(x.float().mean((2, 3)))
+
+
+def test_calibration_runs_forwards_again_when_paused_ones_would_not_fit_in_memory(monkeypatch):
+    import timm_qconv.calibrate as calibration
+
+    made = []
+    monkeypatch.setattr(calibration, "SteppedForward", lambda *args: made.append(args) or SteppedForward(*args))
+    results = []
+    for free in (float("inf"), 0.0):  # plenty of memory, then none: the same result, without pausing
+        monkeypatch.setattr(calibration, "_free_memory", lambda device, free=free: free)
+        made.clear()
+        bq = BitQuantizer(trained_net(), 4, 2, layers=(nn.Conv2d, nn.Linear)).train_hash_functions(5)
+        bq.calibrate(batches(64), n_samples=64)
+        results.append((snapshot(bq), len(made)))
+    (stepped, n_stepped), (again, n_again) = results
+    assert n_stepped > 0 and n_again == 0, "forwards should pause only when their activations fit in memory"
+    assert all(torch.equal(stepped[0][n], again[0][n]) for n in stepped[0]), "codes differ"
+    assert [r.out_error for r in stepped[3]] == [r.out_error for r in again[3]], "output errors differ"
 
 
 def test_settings_a_forward_changes_do_not_leak_out_of_a_paused_forward():
