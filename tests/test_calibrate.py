@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from timm_qconv import BitQuantizer, hookimpl, list_methods, load_quantized, save_quantized
-from timm_qconv._stepped_forward import SteppedForward
+from timm_qconv._stepped_forward import SteppedForwards
 from timm_qconv.calibrate import CalibrationConfig, collect_inputs
 from timm_qconv.plugins import get_plugin_manager
 
@@ -266,7 +266,7 @@ def test_calibration_runs_forwards_again_when_paused_ones_would_not_fit_in_memor
     import timm_qconv.calibrate as calibration
 
     made = []
-    monkeypatch.setattr(calibration, "SteppedForward", lambda *args: made.append(args) or SteppedForward(*args))
+    monkeypatch.setattr(calibration, "SteppedForwards", lambda *args: made.append(args) or SteppedForwards(*args))
     results = []
     for free in (float("inf"), 0.0):  # plenty of memory, then none: the same result, without pausing
         monkeypatch.setattr(calibration, "_free_memory", lambda device, free=free: free)

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from ._errors import check_choice, check_float, check_int
 from ._gptq import InputStats, blocks, gptq_codes, gptq_factor, refit_levels, row_tables
 from ._groups import as_rows
-from ._stepped_forward import SteppedForward
+from ._stepped_forward import SteppedForwards
 from .report import QuantReport
 
 if TYPE_CHECKING:
@@ -66,7 +66,8 @@ class CalibrationConfig:
 
     Args:
         n_samples: calibration inputs to use (the first ones the loader yields).
-        rounds: GPTQ assignment + level refit rounds per layer.
+        rounds: GPTQ assignment + level refit rounds per layer and starting point (one, or more
+            for methods with :meth:`~timm_qconv.methods.base.Quantizer.calibration_starts`).
         gptq: re-assign codes with GPTQ (``False``: keep the data-free codes, refit the levels only).
         refit: refit the levels by least squares after each assignment.
         act_order: GPTQ quantizes the columns with the largest inputs first.
@@ -79,8 +80,10 @@ class CalibrationConfig:
             costs a forward of the float model per layer.
         step_forwards: run each batch's forward once for all layers, paused before each one in
             turn, instead of again up to each layer (about two forwards per batch instead of half
-            the model per layer), where the paused forwards' activations (roughly three times the
-            largest layer input, for every calibration input) fit in half the free memory.
+            the model per layer), where the paused forwards' activations fit in half the free
+            memory by a rough estimate: three times the largest activation (a module's output or
+            a layer's input), for every calibration input. A model that keeps more alive across
+            its layers (many long skip connections) may need ``False``.
     """
 
     n_samples: int = 512
@@ -149,15 +152,21 @@ def collect_inputs(loader: Iterable, n_samples: int) -> list[Tensor]:
 
 def _call_order(model: nn.Module, modules: dict[str, nn.Module], x: Tensor) -> tuple[dict[str, int], int]:
     """The layers in the order of their first call in a forward of ``x``, with their number of
-    calls; and the size in bytes of the largest input of a layer, per sample."""
+    calls; and the size in bytes of the largest activation (a module's output or a layer's input),
+    per sample."""
     calls: dict[str, int] = {}
     largest = [0]
 
+    def measure(value: Any) -> None:
+        if isinstance(value, Tensor):
+            largest[0] = max(largest[0], value.numel() * value.element_size() // max(len(x), 1))
+
     def count(module: nn.Module, args: tuple, name: str) -> None:
         calls[name] = calls.get(name, 0) + 1
-        largest[0] = max(largest[0], args[0].numel() * args[0].element_size() // max(len(x), 1))
+        measure(args[0])
 
     handles = [m.register_forward_pre_hook(functools.partial(count, name=name)) for name, m in modules.items()]
+    handles += [m.register_forward_hook(lambda module, args, output: measure(output)) for m in model.modules()]
     try:
         model(x)
     except Exception as error:
@@ -205,7 +214,7 @@ class _LayerInputs:
     the float one, batch by batch.
 
     With ``step``, each batch's forward runs once for the whole calibration, paused before each
-    layer in turn (:class:`SteppedForward`): about two forwards per batch in all, where running
+    layer in turn (:class:`SteppedForwards`): about two forwards per batch in all, where running
     each forward again up to each layer costs half the model per layer. Otherwise, or where a
     batch's forward cannot be stepped (its call order differs), the forward is run again up to
     the layer's last call.
@@ -217,23 +226,25 @@ class _LayerInputs:
         self.batches, self.device = batches, device
         self.float_layers = {} if float_model is None else {
             name: module for name, module in float_model.named_modules() if name in layers}
-        self.stepped: list[tuple[SteppedForward, SteppedForward | None] | None] = [
-            (SteppedForward(model, x.to(device, torch.float32), layers),
-             None if float_model is None else SteppedForward(float_model, x.to(device, torch.float32),
-                                                               self.float_layers))
-            if step else None for x in batches]
+        self.stepping = [step] * len(batches)  # per batch: still stepped
+        inputs = [x.to(device, torch.float32) for x in batches] if step else []
+        self.stepped = [SteppedForwards(model, inputs, layers)] if step else []
+        if step and float_model is not None:
+            self.stepped.append(SteppedForwards(float_model, inputs, self.float_layers))
 
     def __call__(self, name: str) -> Iterator[tuple[Tensor, Tensor | None]]:
         """``(input, float model's input)`` of every call of layer ``name``, batch by batch."""
         for index, x in enumerate(self.batches):
-            runs = self.stepped[index]
-            if runs is not None:
-                floats = None if runs[1] is None else runs[1].advance(name)
-                inputs = runs[0].advance(name)
-                if inputs is not None and (floats is not None or runs[1] is None):
+            if self.stepping[index]:
+                quantized, *floated = self.stepped
+                floats = floated[0].advance(index, name) if floated else None
+                inputs = quantized.advance(index, name)
+                if inputs is not None and (floats is not None or not floated):
                     yield inputs, floats
                     continue
-                self._close(index)  # cannot step this batch to this layer: run it again from now on
+                self.stepping[index] = False  # cannot step this batch to this layer: run it again from now on
+                for forwards in self.stepped:
+                    forwards.stop(index)
             yield from self._run_again(name, x.to(self.device, torch.float32))
 
     def _run_again(self, name: str, x: Tensor) -> Iterator[tuple[Tensor, Tensor | None]]:
@@ -245,15 +256,12 @@ class _LayerInputs:
         for i, inp in enumerate(inputs):
             yield inp, (floats[i] if i < len(floats) else None)
 
-    def _close(self, index: int) -> None:
-        runs, self.stepped[index] = self.stepped[index], None
-        for run in runs or ():
-            if run is not None:
-                run.close()
-
     def close(self) -> None:
-        for index in range(len(self.stepped)):
-            self._close(index)
+        try:
+            for forwards in self.stepped:
+                forwards.close()
+        finally:
+            self.stepped = []
 
 
 @torch.no_grad()
@@ -277,7 +285,8 @@ def calibrate_layer(quantizer: nn.Module, rows: Tensor, codes: Tensor, stats: In
     before = error(quantizer, codes)
     best = (before, quantizer, codes)
     factor = gptq_factor(h, config.act_order, damp) if config.gptq else None
-    for start in (quantizer, *quantizer.calibration_starts()):  # the method's other starting levels
+    starts = quantizer.calibration_starts() if config.gptq or config.refit else []  # the method's other levels
+    for start in (quantizer, *starts):
         current = copy.deepcopy(start)
         if start is not quantizer:
             codes = blocks(start.encode(rows), n_blocks)
