@@ -12,7 +12,14 @@ from torch import nn
 import timm_qconv
 from timm_qconv import QuantConv2d, QuantLinear, get_method, hash_loss, list_methods, quantize_model, set_kernel_backend
 from timm_qconv._batched import BatchedPath, batched_path
-from timm_qconv._kernels import _count_above_binned, compact_codes, compiler_works, get_backend, set_backend
+from timm_qconv._kernels import (
+    _count_above_binned,
+    compact_codes,
+    compiler_works,
+    get_backend,
+    set_backend,
+    threshold_codes,
+)
 from timm_qconv.layers import WeightOverride
 
 
@@ -331,29 +338,49 @@ def test_hash_loss_is_recomputed_once_the_weight_changed_after_the_forward():
     assert torch.allclose(layer.hash_loss(), reference_hash_loss(layer)), "hash loss after the edit differs"
 
 
-@pytest.mark.parametrize("repeated", [False, True])
-@pytest.mark.parametrize("n_levels", [2, 3, 4, 7, 8, 16, 17, 32, 33, 64, 100, 256, 300])
-def test_codes_equal_a_binary_search_including_ties_and_repeated_levels(n_levels, repeated, monkeypatch):
+@pytest.mark.parametrize("levels", ["spread", "repeated", "halving"])
+@pytest.mark.parametrize("n_levels", [2, 3, 4, 7, 8, 16, 17, 32, 33, 64, 100, 255, 256, 300])
+def test_codes_equal_a_binary_search_including_ties_and_repeated_levels(n_levels, levels, monkeypatch):
     generator = torch.Generator().manual_seed(n_levels)
-    # spread as fitted levels are (a sorted Gaussian sample would leave its tail levels far apart)
-    spacing = 0.5 + torch.rand(6, n_levels, generator=generator)
-    table = (spacing.cumsum(1) - spacing.sum(1, keepdim=True) / 2) / n_levels
-    if repeated:
+    n_groups, n_rows = 3, 6
+    if levels == "halving":  # log's: 0 and +-s * 2**-k, crowded around zero down to subnormals
+        magnitudes = 2.0 ** -torch.arange((n_levels - 1) // 2, dtype=torch.float32)
+        shape = torch.cat([-magnitudes, torch.zeros(n_levels - 2 * magnitudes.numel()), magnitudes.flip(0)])
+        table = (0.05 + torch.rand(n_groups, 1, generator=generator)) * shape
+    else:  # spread as fitted levels are (a sorted Gaussian sample would leave its tail levels far apart)
+        spacing = 0.5 + torch.rand(n_groups, n_levels, generator=generator)
+        table = (spacing.cumsum(1) - spacing.sum(1, keepdim=True) / 2) / n_levels
+    if levels == "repeated":
         table[1, : n_levels // 2] = table[1, 0]  # several midpoints equal
-    rows = torch.randn(6, 300, generator=generator)
+    groups = torch.tensor([0, 1, 2, 2, 1, 0])
     mids = (table[:, 1:] + table[:, :-1]) / 2
-    rows[:, :n_levels - 1] = mids  # weights exactly on a midpoint go to the lower level
-    rows[2, -1], rows[3, -1] = float("inf"), float("-inf")
-    rows[4, -2], rows[4, -1] = table[4, 0] - 1e-3, table[4, -1] + 1e-3  # outside the thresholds' range
-    expected = torch.searchsorted(mids.contiguous(), rows.contiguous())
-    if 16 < n_levels <= 256:  # no binary search: by bins, or in blocks where levels repeat
+    per_row = mids[groups]
+    rows = torch.randn(n_rows, 2 * n_levels + 40, generator=generator) * table.abs().amax(1, keepdim=True)[groups]
+    rows[:, :n_levels - 1] = per_row  # weights exactly on a midpoint go to the lower level
+    rows[:, n_levels - 1 : 2 * n_levels - 2] = per_row.nextafter(torch.tensor(float("inf")))  # just above
+    rows[:, -12:] = torch.tensor([float("inf"), float("-inf"), float("nan"), -float("nan"), 0.0, -0.0, 1e-45,
+                                  -1e-45, 1e-39, -1e-39, 3e38, -3e38])
+    rows[4, -13], rows[4, -14] = table[1, 0] - 1e-3, table[1, -1] + 1e-3  # outside the thresholds' range
+    expected = torch.searchsorted(per_row.contiguous(), rows.contiguous())
+    if n_levels <= 256:  # the comparisons: NaN is above no threshold (a binary search puts it last)
+        expected[rows.isnan()] = 0
+    if 16 < n_levels <= 256:  # no binary search: by bins (equal in value, else by bit pattern), or in blocks
         monkeypatch.setattr(torch, "searchsorted", None)
-        binned = _count_above_binned(rows, mids)
-        assert (binned is None) == repeated, f"{n_levels} levels: binned search {'not ' * repeated}expected"
-    codes = compact_codes(table, rows)
+        by_value = _count_above_binned(rows, mids, groups)
+        by_bits = _count_above_binned(rows, mids, groups, by_bits=True)
+        expected_answers = {"spread": [by_value], "repeated": [], "halving": [by_bits]}[levels]
+        assert all(binned is not None for binned in expected_answers), f"{n_levels} {levels} levels: not binned"
+        if levels == "repeated":
+            assert by_value is None and by_bits is None, f"{n_levels} repeated levels: binned search not declined"
+        for binned in (by_value, by_bits):
+            if binned is not None:
+                assert torch.equal(binned.long(), expected), f"{n_levels} {levels} levels: binned codes differ"
+    codes = compact_codes(table[groups], rows)
     expected_dtype = torch.uint8 if n_levels <= 256 else torch.int64
     assert codes.dtype == expected_dtype, f"{n_levels} levels: codes of dtype {codes.dtype}, expected {expected_dtype}"
-    assert torch.equal(codes.long(), expected), f"{n_levels} levels: codes differ from torch.searchsorted"
+    assert torch.equal(codes.long(), expected), f"{n_levels} {levels} levels: codes differ from torch.searchsorted"
+    by_group = threshold_codes(mids, rows, groups)
+    assert torch.equal(by_group.long(), expected), f"{n_levels} {levels} levels: codes by group differ"
 
 
 def test_reused_buffers_never_leak_into_results_kept_across_layers():

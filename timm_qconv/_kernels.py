@@ -56,6 +56,10 @@ CHAIN_MAX_LEVELS = 16
 #: The binned search compares a weight with at most this many thresholds of its bin; more (levels
 #: repeated or crowded together, as log's near zero) take the search in blocks.
 MAX_BIN_THRESHOLDS = 4
+#: Bins per threshold of the binned search, equal in value; and equal by bit pattern (log's levels,
+#: for which 4 leave up to 3 thresholds in a bin at 5-8 bits, 16 one).
+BINS_PER_THRESHOLD = 4
+BINS_PER_THRESHOLD_BY_BITS = 16
 #: "auto" compiles for up to 3 bits: for resnet34 that takes about a minute, 4 bits several.
 AUTO_MAX_LEVELS = 8
 ENV_VAR = "TIMM_QCONV_KERNELS"
@@ -205,8 +209,8 @@ class _Lookup(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, table: Tensor, thresholds: Tensor | None, rows: Tensor, ste: bool, grad_scale: float,
-                with_error: bool) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(ctx: Any, table: Tensor, thresholds: Tensor | None, groups: Tensor | None, rows: Tensor, ste: bool,
+                grad_scale: float, with_error: bool) -> tuple[Tensor, Tensor, Tensor]:
         ctx.ste, ctx.grad_scale = ste, grad_scale
         ctx.compiled = thresholds is None and _use_compiled(table)
         ctx.set_materialize_grads(False)
@@ -215,7 +219,7 @@ class _Lookup(torch.autograd.Function):
             codes, error = rows.new_empty(0, dtype=torch.long), rows.new_empty(0)
             ctx.mark_non_differentiable(codes, error)
             return _compiled(table.shape[1])[0](rows, table), codes, error
-        codes = _codes(table, thresholds, rows)  # one byte per weight kept until the backward, not eight
+        codes = _codes(table, thresholds, rows, groups)  # one byte per weight kept until the backward, not eight
         q = table.gather(1, _scratch.index(codes))
         if with_error:
             diff = torch.sub(q, rows, out=_scratch.like(rows, "work")).view(-1)  # float32, as rows
@@ -230,7 +234,7 @@ class _Lookup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor | None, grad_codes: None,
-                 grad_error: Tensor | None) -> tuple[Tensor | None, None, Tensor | None, None, None, None]:
+                 grad_error: Tensor | None) -> tuple[Tensor | None, None, None, Tensor | None, None, None, None]:
         grad_table = None
         if ctx.needs_input_grad[0]:
             table, saved, *error_inputs = ctx.saved_tensors  # saved: the codes, or the rows if compiled
@@ -253,7 +257,7 @@ class _Lookup(torch.autograd.Function):
                     grad_table.scatter_add_(1, _scratch.index(saved), combined.contiguous()).mul_(ctx.grad_scale)
         # Straight through: the incoming gradient itself, not a copy, so that autograd can move it
         # into the weight's .grad without cloning.
-        return grad_table, None, (grad if ctx.ste else None), None, None, None
+        return grad_table, None, None, (grad if ctx.ste else None), None, None, None
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -281,9 +285,13 @@ def scale_grad(x: Tensor, factor: float) -> Tensor:
     return x.detach() + (x - x.detach()) * factor
 
 
-def threshold_codes(thresholds: Tensor, rows: Tensor) -> Tensor:
-    """Code of every weight of ``rows`` (C, K): the number of its row's ascending ``thresholds``
-    (C, L-1) strictly below it. uint8 for up to 256 levels, else int64.
+def threshold_codes(thresholds: Tensor, rows: Tensor, groups: Tensor | None = None) -> Tensor:
+    """Code of every weight of ``rows`` (C, K): the number of its row's ascending thresholds
+    strictly below it. uint8 for up to 256 levels, else int64.
+
+    ``thresholds`` is ``(C, L-1)``, one row per row of weights, or, with ``groups`` (C,), ``(G, L-1)``
+    with row ``groups[c]`` serving row ``c``: the binned search then builds its tables once per
+    group, not once per row.
 
     With the midpoints of sorted levels as thresholds this is the index of the nearest level, ties
     going to the lower one (:func:`compact_codes`). On a CPU, eager, up to 256 levels: comparisons
@@ -296,17 +304,22 @@ def threshold_codes(thresholds: Tensor, rows: Tensor) -> Tensor:
     thresholds = thresholds.detach().float()
     rows = rows.detach().float()
     n_levels = thresholds.shape[1] + 1
+    binned = rows.device.type == "cpu" and not torch.compiler.is_compiling() and CHAIN_MAX_LEVELS < n_levels <= 256
+    if groups is not None and not binned:
+        thresholds, groups = thresholds[groups], None
     if rows.device.type == "cpu" and torch.compiler.is_compiling() and n_levels <= CHAIN_MAX_LEVELS:
         # traced: the compiler fuses the comparisons itself
         return sum(((rows > thresholds[:, j : j + 1]).to(torch.uint8) for j in range(n_levels - 1)),
                    torch.zeros_like(rows, dtype=torch.uint8))
     if rows.device.type == "cpu" and not torch.compiler.is_compiling() and n_levels <= 256:
-        if n_levels <= CHAIN_MAX_LEVELS:
+        if not binned:
             count = _count_above(rows, thresholds)
         else:
-            count = _count_above_binned(rows, thresholds)
+            count = _count_above_binned(rows, thresholds, groups)
             if count is None:
-                count = _count_above_in_blocks(rows, thresholds)
+                count = _count_above_binned(rows, thresholds, groups, by_bits=True)
+            if count is None:
+                count = _count_above_in_blocks(rows, thresholds if groups is None else thresholds[groups])
         return count.to(torch.int32).to(torch.uint8)  # float32 -> uint8 directly is 3x slower
     codes = torch.searchsorted(thresholds.contiguous(), rows.contiguous())
     return codes.to(torch.uint8) if n_levels <= 256 else codes
@@ -325,46 +338,82 @@ def _count_above(rows: Tensor, thresholds: Tensor, slot: str = "counts") -> Tens
     return count
 
 
-def _count_above_binned(rows: Tensor, thresholds: Tensor) -> Tensor | None:
+def _count_above_binned(rows: Tensor, thresholds: Tensor, groups: Tensor | None = None,
+                        by_bits: bool = False) -> Tensor | None:
     """:func:`_count_above` for many thresholds, in a fixed number of passes; ``None`` where the
-    thresholds crowd together (repeated levels, log's levels near zero): the caller then takes
-    :func:`_count_above_in_blocks`.
+    thresholds crowd together in the bins (repeated levels): the caller then takes
+    :func:`_count_above_in_blocks`. ``thresholds`` is ``(G, T)``, row ``groups[c]`` serving row
+    ``c`` of ``rows`` (``None``: one row of thresholds per row of weights).
 
-    Each row's range of thresholds is cut into ``4 (T + 1)`` equal bins, and a weight's bin is
-    computed, not searched: ``(w - lo) * (bins / span)``, clamped. A table per row gives the number
-    of thresholds in the bins before it; the at most ``k`` thresholds in its own bin (usually 1 or
-    2) are fetched by ``gather`` and compared. Exact, not approximate: thresholds are put in bins
-    by the same float operations as the weights, which are monotone, so a threshold in an earlier
-    bin is below the weight and one in a later bin above it, whatever the rounding.
-    At 256 levels this takes a third of the time of a binary search by comparisons.
+    Each threshold row's range is cut into equal bins, ``BINS_PER_THRESHOLD * (T + 1)`` of them,
+    and a weight's bin is computed, not searched: ``(w - lo) * (bins / span)``, clamped. A table
+    per threshold row gives the number of thresholds in the bins before each bin; the at most
+    ``k`` thresholds in a weight's own bin (usually 1) are fetched by ``gather`` and compared.
+    Exact, not approximate: thresholds are put in bins by the same float operations as the
+    weights, which are monotone, so a threshold in an earlier bin is below the weight and one in a
+    later bin above it, whatever the rounding. At 256 levels this takes a third of the time of a
+    binary search by comparisons.
+
+    With ``by_bits`` the bins are equal in :func:`_bit_order` instead of in value: the same number
+    per octave of magnitude, for thresholds that halve towards zero (``log``'s), which equal bins
+    in value would crowd into the bin around zero.
     """
-    n_channels, n_thresholds = thresholds.shape
-    n_bins = 4 * (n_thresholds + 1)
-    low = thresholds[:, :1]
-    scale = n_bins / (thresholds[:, -1:] - low)
+    n_tables, n_thresholds = thresholds.shape
+    n_bins = (BINS_PER_THRESHOLD_BY_BITS if by_bits else BINS_PER_THRESHOLD) * (n_thresholds + 1)
+    keys = thresholds
+    if by_bits:
+        if torch.isnan(thresholds).any():
+            return None
+        keys = _bit_order(thresholds, *(torch.empty_like(thresholds) for _ in range(3)))
+    low = keys[:, :1]
+    scale = n_bins / (keys[:, -1:] - low)
     # a row of one repeated threshold, or with infinite or NaN ones: all in one bin, found crowded
     scale = torch.where(torch.isfinite(scale), scale, 0.0)
 
-    def bin_of(x: Tensor, out: Tensor) -> Tensor:
-        # NaN (a NaN weight, or an infinite one times a zero scale) to bin 0, whose thresholds it
-        # is not above: code 0, as the comparisons give
-        return torch.sub(x, low, out=out).mul_(scale).nan_to_num_(0.0).clamp_(0, n_bins - 1)
+    # All threshold rows' tables are kept end to end: bin b of threshold row g is entry g * n_bins + b.
+    offset = torch.arange(n_tables, device=rows.device, dtype=torch.float32)[:, None] * n_bins
 
-    threshold_bins = bin_of(thresholds, torch.empty_like(thresholds)).long()
-    per_bin = torch.zeros(n_channels, n_bins, dtype=torch.long, device=rows.device)
-    per_bin.scatter_add_(1, threshold_bins, torch.ones_like(threshold_bins))
+    def bin_of(x: Tensor, low: Tensor, scale: Tensor, offset: Tensor, out: Tensor) -> Tensor:
+        # NaN (a NaN weight, or an infinite one times a zero scale) to bin 0, whose thresholds it
+        # is not above: code 0, as the comparisons give. The offset is added last, to both
+        # weights and thresholds: it may round a bin's fraction, but never across rows.
+        return torch.sub(x, low, out=out).mul_(scale).nan_to_num_(0.0).clamp_(0, n_bins - 1).add_(offset)
+
+    threshold_bins = bin_of(keys, low, scale, offset, torch.empty_like(keys)).long()
+    per_bin = torch.zeros(n_tables * n_bins, dtype=torch.long, device=rows.device)
+    per_bin.scatter_add_(0, threshold_bins.view(-1), torch.ones_like(threshold_bins.view(-1)))
     k = int(per_bin.max())
     if k > MAX_BIN_THRESHOLDS:
         return None
+    per_bin = per_bin.view(n_tables, n_bins)
     before = per_bin.cumsum(1).sub_(per_bin)  # thresholds in earlier bins = index of the bin's first
-    padded = torch.cat([thresholds, thresholds.new_full((n_channels, k), float("inf"))], 1)
-    index = _scratch.like(rows, "index", torch.int64).copy_(bin_of(rows, _scratch.like(rows, "work")))
-    count = torch.gather(before.float(), 1, index, out=_scratch.like(rows, "counts"))
-    above, threshold = _scratch.like(rows, "work"), _scratch.like(rows, "thresholds")
+    padded = torch.cat([thresholds, thresholds.new_full((n_tables, k), float("inf"))], 1)
+    n_rows = rows.shape[0]
+    groups = torch.arange(n_rows, device=rows.device) if groups is None else groups
+
+    def flat(table: Tensor) -> Tensor:
+        return table.float().view(1, -1).expand(n_rows, -1)  # every table, seen from every row of weights
+
+    count, above, threshold = (_scratch.like(rows, slot) for slot in ("counts", "work", "thresholds"))
+    keys = _bit_order(rows, count, threshold, above) if by_bits else rows
+    bins = bin_of(keys, low[groups], scale[groups], offset[groups], above)
+    index = _scratch.like(rows, "index", torch.int64).copy_(bins)
+    torch.gather(flat(before), 1, index, out=count)
     for j in range(k):
-        torch.gather(padded.gather(1, before + j), 1, index, out=threshold)  # the bin's j-th threshold
+        torch.gather(flat(padded.gather(1, before + j)), 1, index, out=threshold)  # the bin's j-th threshold
         count += torch.gt(rows, threshold, out=above)
     return count
+
+
+def _bit_order(x: Tensor, signed: Tensor, bits: Tensor, out: Tensor) -> Tensor:
+    """A monotone (non-decreasing) map of float32 ``x`` into ``out`` that spaces values by their bit
+    patterns: the magnitude's bits read as an integer, with ``x``'s sign, so that every octave of
+    magnitude spans the same width (2**23). NaN goes with -inf, below every threshold.
+    ``signed`` and ``bits`` are float32 buffers of ``x``'s shape for the temporaries."""
+    torch.nan_to_num(x, nan=-math.inf, out=signed)
+    torch.abs(signed, out=bits)
+    out.copy_(bits.view(torch.int32))  # int -> float rounds, monotonically
+    return torch.copysign(out, signed, out=out)
 
 
 def _count_above_in_blocks(rows: Tensor, thresholds: Tensor) -> Tensor:
@@ -406,9 +455,10 @@ def nearest_codes(table: Tensor, rows: Tensor) -> Tensor:
     return compact_codes(table, rows).long()
 
 
-def _codes(table: Tensor, thresholds: Tensor | None, rows: Tensor) -> Tensor:
-    """:func:`threshold_codes` with ``thresholds``, or :func:`compact_codes` (nearest level) if ``None``."""
-    return compact_codes(table, rows) if thresholds is None else threshold_codes(thresholds, rows)
+def _codes(table: Tensor, thresholds: Tensor | None, rows: Tensor, groups: Tensor | None = None) -> Tensor:
+    """:func:`threshold_codes` with ``thresholds`` (and ``groups``), or :func:`compact_codes` (nearest
+    level of the per-row ``table``) if ``None``."""
+    return compact_codes(table, rows) if thresholds is None else threshold_codes(thresholds, rows, groups)
 
 
 def nearest_lookup(table: Tensor, rows: Tensor, ste: bool = False) -> Tensor:
@@ -422,7 +472,7 @@ def nearest_lookup(table: Tensor, rows: Tensor, ste: bool = False) -> Tensor:
 
 def lookup_codes(
     table: Tensor, rows: Tensor, thresholds: Tensor | None = None, ste: bool = False, grad_scale: float = 1.0,
-    with_error: bool = False,
+    with_error: bool = False, groups: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Each weight of ``rows`` (C, K) mapped to an entry of its row of ``table`` (C, L), with the
     codes found and, when asked, the squared error ``sum((q - rows)**2)``.
@@ -436,16 +486,22 @@ def lookup_codes(
         grad_scale: factor on the gradient that ``q`` passes to ``table`` (not on the error's).
         with_error: also return the squared error, differentiable in ``table`` only (the hash
             loss with the weights detached); one pass more in the forward, none in the backward.
+        groups: ``(C,)``: ``table`` and ``thresholds`` have one row per group, row ``groups[c]``
+            serving row ``c`` of ``rows`` (the search's tables are then built once per group).
     Returns:
         ``(q, codes, error)``; ``codes`` is ``None`` where the compiled kernel found none, and
         ``error`` where it was not asked for, the compiled kernel ran, or no gradient is needed
         (the error only serves the hash loss's backward).
     """
     rows = (rows if ste else rows.detach()).contiguous()
+    if groups is not None:
+        if thresholds is None and not _use_compiled(table):
+            thresholds = midpoints(table.detach().float())  # nearest level: found by its thresholds
+        table = table[groups]
     table = table.contiguous()
     needs_grad = torch.is_grad_enabled() and (table.requires_grad or (ste and rows.requires_grad))
     if not needs_grad and (thresholds is not None or not _use_compiled(table)):
-        codes = _codes(table, thresholds, rows).long()
+        codes = _codes(table, thresholds, rows, groups).long()
         return table.gather(1, codes), codes, None
-    q, codes, error = _Lookup.apply(table, thresholds, rows, ste, grad_scale, with_error)
+    q, codes, error = _Lookup.apply(table, thresholds, groups, rows, ste, grad_scale, with_error)
     return q, (codes if codes.numel() else None), (error if error.ndim == 0 else None)

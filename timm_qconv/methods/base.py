@@ -87,7 +87,7 @@ class Quantizer(nn.Module):
 
     def encode(self, rows: Tensor) -> Tensor:
         """Integer code of every weight of the ``(C, K)`` matrix ``rows`` -> ``(C, K)`` int64."""
-        return threshold_codes(self.thresholds().detach()[self.group_index], rows).long()
+        return threshold_codes(self.thresholds().detach(), rows, self.group_index).long()
 
     def encode_uint8(self, rows: Tensor, chunk_numel: int = 1 << 18) -> Tensor:
         """:meth:`encode` as uint8 (at most 256 levels: 8 bits), a few rows at a time for
@@ -98,13 +98,13 @@ class Quantizer(nn.Module):
         thresholds = self.thresholds().detach()
         codes = torch.empty(rows.shape, dtype=torch.uint8, device=rows.device)
         for part in row_chunks(*rows.shape, chunk_numel):
-            codes[part] = threshold_codes(thresholds[self.group_index[part]], rows[part])
+            codes[part] = threshold_codes(thresholds, rows[part], self.group_index[part])
         return codes
 
     def _lookup(self, rows: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """:func:`~timm_qconv._kernels.lookup_codes` with this quantizer's levels and thresholds."""
-        thresholds = None if self.nearest else self.thresholds().detach()[self.group_index]
-        return lookup_codes(self.levels()[self.group_index], rows, thresholds, **kwargs)
+        thresholds = None if self.nearest else self.thresholds().detach()
+        return lookup_codes(self.levels(), rows, thresholds, groups=self.group_index, **kwargs)
 
     # ----------------------------------------------------------------- shared machinery
     def decode(self, codes: Tensor, channels: slice = slice(None)) -> Tensor:
