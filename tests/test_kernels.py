@@ -398,3 +398,12 @@ def test_reused_buffers_never_leak_into_results_kept_across_layers():
     for shared, single in zip((big, small), alone):
         for (name, a), b in zip(shared.named_parameters(), single.parameters()):
             assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), f"{name}: gradient changed by another layer"
+
+
+def test_binned_search_declines_tables_whose_flat_offsets_float32_cannot_hold():
+    # one row of 16 thresholds per row of weights: 68 bins each, and more rows than 2**24 / 68
+    n_rows = 2**24 // 68 + 1
+    thresholds = torch.linspace(-1, 1, 16).expand(n_rows, -1).contiguous()
+    rows = torch.rand(n_rows, 1) * 2 - 1
+    assert _count_above_binned(rows, thresholds) is None, "binned search with offsets beyond float32's integers"
+    assert _count_above_binned(rows[:1000], thresholds[:1000]) is not None, "binned search declined a small table"

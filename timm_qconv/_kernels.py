@@ -360,6 +360,8 @@ def _count_above_binned(rows: Tensor, thresholds: Tensor, groups: Tensor | None 
     """
     n_tables, n_thresholds = thresholds.shape
     n_bins = (BINS_PER_THRESHOLD_BY_BITS if by_bits else BINS_PER_THRESHOLD) * (n_thresholds + 1)
+    if n_tables * n_bins > 2**24:  # the tables' offsets below must be exact in float32
+        return None
     keys = thresholds
     if by_bits:
         if torch.isnan(thresholds).any():
