@@ -83,11 +83,13 @@ class ScaledShapeQuantizer(Quantizer):
     def level_design(self) -> Tensor:
         return self.shape[None, :, None].expand(self.n_groups, -1, 1)
 
-    #: Calibration also starts from the fitted scale times these: one parameter per group makes the
-    #: alternation of assignment and refit settle near its start, and the scale that minimises the
-    #: weight error is not the one that minimises the output error (log, 2 bits, LeNet-5: starting
-    #: a quarter octave higher lowered every layer's output error by 15-30%).
-    CALIBRATION_SCALES = (2 ** -0.25, 2 ** 0.25, 2 ** 0.5)
+    #: Calibration also starts from the fitted scale times these, every eighth of an octave from a
+    #: quarter below to a half above: one parameter per group makes the alternation of assignment
+    #: and refit settle near its start, and the scale that minimises the weight error is not the
+    #: one that minimises the output error (log, 2 bits, LeNet-5: starting a quarter octave higher
+    #: lowered every layer's output error by 15-30%; eighths instead of quarters found lower ones
+    #: still, and 91.80% instead of 91.42% on 5,000 other training images).
+    CALIBRATION_SCALES = tuple(2 ** (eighths / 8) for eighths in (-2, -1, 1, 2, 3, 4))
 
     def calibration_starts(self) -> list[Quantizer]:
         starts = []
