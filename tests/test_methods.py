@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm_qconv import QuantConv2d, QuantLinear, freeze_model, get_method, list_methods
-from timm_qconv._groups import group_index
+from timm_qconv._groups import SortedGroups, group_index
 
 METHODS = list_methods()
 NEAREST_METHODS = [m for m in METHODS if get_method(m).nearest]
@@ -365,3 +365,19 @@ def test_task_gradient_to_quantizer_is_scaled_by_group_size(method):
     for p, g in zip(params, scaled):
         torch.testing.assert_close(g, p.grad * factor,
                                    msg=lambda m: f"{method}: task gradient not scaled by {factor:.4f}: {m}")
+
+
+@pytest.mark.parametrize("n_positions", [7, 5000])  # one pass; three chunks of 2048 positions (2 groups)
+def test_prefix_sums_equal_cumulative_sums_of_the_sorted_weights(n_positions):
+    generator = torch.Generator().manual_seed(n_positions)
+    rows = torch.randn(6, 999, generator=generator)  # groups of 2997 weights: not whole blocks
+    stats = SortedGroups(rows, 2)
+    positions = torch.randint(0, 2998, (2, n_positions), generator=generator)
+    positions[:, :3] = torch.tensor([0, 2997, 16])  # empty, whole group, one block exactly
+    s1, s2 = stats.prefix_sums(positions)
+    for g in range(2):
+        ordered = rows[3 * g : 3 * g + 3].flatten().double().sort().values
+        zero = ordered.new_zeros(1)
+        cum1, cum2 = torch.cat([zero, ordered.cumsum(0)]), torch.cat([zero, ordered.square().cumsum(0)])
+        assert torch.allclose(s1[g], cum1[positions[g]], rtol=0, atol=1e-9), f"group {g}: sums differ"
+        assert torch.allclose(s2[g], cum2[positions[g]], rtol=0, atol=1e-9), f"group {g}: sums of squares differ"

@@ -80,3 +80,13 @@ def check_device(name: str, value: Any) -> Any:
     if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ValueError(f"{name}={value!r} is not available here; expected 'cpu'")
     return device
+
+
+def all_finite(tensor: Any) -> bool:
+    """Whether a non-empty float tensor holds no NaN or inf, read by two reductions (its largest and
+    smallest value, which NaN propagates to): no temporary the size of the tensor, as
+    ``torch.isfinite(tensor).all()`` makes (a bool per element), which is what a model's largest
+    layer would otherwise add to the peak memory of quantizing it."""
+    import torch
+
+    return bool(torch.isfinite(tensor.amax()) and torch.isfinite(tensor.amin()))

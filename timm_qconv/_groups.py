@@ -85,7 +85,25 @@ class SortedGroups:
 
     def prefix_sums(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """Sums of the first ``positions[g, j]`` sorted weights of group ``g`` and of their squares,
-        float64, for integer ``positions`` ``(G, Q)`` in ``0..counts[g]``."""
+        float64, for integer ``positions`` ``(G, Q)`` in ``0..counts[g]``.
+
+        Completing a sum reads the ``BLOCK`` weights of its block, so the positions are taken
+        :data:`PREFIX_CHUNK` weights at a time: a fit that scores many candidate levels at once
+        (``hash``'s starts: ``Q`` in the hundreds) would otherwise add several megabytes of float64
+        temporaries beside the sorted copy, whatever the layer's size."""
+        step = max(1, self.PREFIX_CHUNK // (self.n_groups * self.BLOCK))
+        if positions.shape[1] <= step:
+            return self._prefix_sums(positions)
+        sums = positions.new_empty((2, *positions.shape), dtype=torch.float64)
+        for start in range(0, positions.shape[1], step):
+            part = slice(start, start + step)
+            sums[0, :, part], sums[1, :, part] = self._prefix_sums(positions[:, part])
+        return sums[0], sums[1]
+
+    #: Weights read at a time to complete prefix sums (:meth:`prefix_sums`): half a MiB of float64.
+    PREFIX_CHUNK = 1 << 16
+
+    def _prefix_sums(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         block, offset = positions.div(self.BLOCK, rounding_mode="floor"), positions.remainder(self.BLOCK)
         within = torch.arange(self.BLOCK, device=positions.device)
         index = (block * self.BLOCK)[..., None] + within  # (G, Q, B): the block's weights

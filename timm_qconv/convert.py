@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
-import torch
 from torch import nn
 
 from . import _batched
-from ._errors import check_choice, check_module
+from ._errors import all_finite, check_choice, check_module
 from ._kernels import BACKENDS, default_backend
 from ._registry import make_config
 from .backend import set_kernel_backend
@@ -85,7 +84,7 @@ def check_finite(modules: dict[str, nn.Module], names: Iterable[str]) -> None:
             shape = tuple(modules[name].weight.shape)
             raise ValueError(f"layer {name!r} ({modules[name]}) has no weights (shape {shape}); "
                              f"expected at least one input and one output channel, or pass avoid=[{name!r}]")
-        if not bool(torch.isfinite(modules[name].weight).all()):
+        if not all_finite(modules[name].weight.detach()):
             raise ValueError(f"layer {name!r} has non-finite weights (NaN or inf); fix them or pass avoid=[{name!r}]")
 
 

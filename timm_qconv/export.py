@@ -41,6 +41,7 @@ import safetensors
 import torch
 from torch import Tensor, nn
 
+from ._errors import all_finite
 from ._export_schema import (
     CONFIG_FILE,
     DIGEST_METADATA,
@@ -131,7 +132,7 @@ def _eval_codes(layer: QuantMixin) -> Tensor:
 def _check_finite(layers: list[_Layer]) -> None:
     """Refuse NaN/inf weights or levels, naming the layer: a NaN would otherwise be saved as some level."""
     for name, weight, quantizer, _ in layers:
-        if not bool(torch.isfinite(weight.detach()).all()):
+        if not all_finite(weight.detach()):
             raise ValueError(f"layer {name!r} has non-finite weights (NaN or inf); the export would hide them "
                              "behind a level. Fix the weights (or keep the layer in float) before saving")
         if not bool(torch.isfinite(quantizer.levels().detach()).all()):

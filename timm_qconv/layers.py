@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._errors import check_choice
+from ._errors import all_finite, check_choice
 from ._kernels import use_backend
 from ._registry import config_owner, make_config
 from ._weight_cache import WeightCache
@@ -86,7 +86,7 @@ class QuantMixin:
             raise ValueError(f"{self._get_name()}({self.extra_repr_float()}) has no weights "
                              f"(shape {tuple(weight.shape)}); "
                              "expected at least one input and one output channel/feature")
-        if not bool(torch.isfinite(weight).all()):
+        if not all_finite(weight):
             raise ValueError(f"weight of {self._get_name()} {tuple(weight.shape)} has non-finite values; "
                              "cannot quantize it")
         self.quantizer = config_owner(self.quant_config)(weight, self.quant_config)
