@@ -54,6 +54,8 @@ class SortedGroups:
     """
 
     BLOCK = 16
+    #: Weights read at a time to complete prefix sums (:meth:`prefix_sums`): half a MiB of float64.
+    PREFIX_CHUNK = 1 << 16
 
     def __init__(self, rows: Tensor, n_groups: int) -> None:
         rows = rows.detach()
@@ -99,9 +101,6 @@ class SortedGroups:
             part = slice(start, start + step)
             sums[0, :, part], sums[1, :, part] = self._prefix_sums(positions[:, part])
         return sums[0], sums[1]
-
-    #: Weights read at a time to complete prefix sums (:meth:`prefix_sums`): half a MiB of float64.
-    PREFIX_CHUNK = 1 << 16
 
     def _prefix_sums(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         block, offset = positions.div(self.BLOCK, rounding_mode="floor"), positions.remainder(self.BLOCK)
