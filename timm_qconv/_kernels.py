@@ -332,9 +332,10 @@ def _count_above(rows: Tensor, thresholds: Tensor, slot: str = "counts") -> Tens
     3.5x slower per pass on AVX2), so the count is kept in float32 (exact up to 2**24).
     """
     count, above = _scratch.like(rows, slot), _scratch.like(rows, "work")
-    torch.gt(rows, thresholds[:, :1], out=count)
-    for j in range(1, thresholds.shape[1]):
-        count += torch.gt(rows, thresholds[:, j : j + 1], out=above)
+    first, *others = thresholds.unsqueeze(2).unbind(1)  # (C, 1) columns in one call, not T slices
+    torch.gt(rows, first, out=count)
+    for column in others:
+        count += torch.gt(rows, column, out=above)
     return count
 
 
