@@ -304,14 +304,15 @@ def threshold_codes(thresholds: Tensor, rows: Tensor, groups: Tensor | None = No
     thresholds = thresholds.detach().float()
     rows = rows.detach().float()
     n_levels = thresholds.shape[1] + 1
-    binned = rows.device.type == "cpu" and not torch.compiler.is_compiling() and CHAIN_MAX_LEVELS < n_levels <= 256
+    on_cpu, compiling = rows.device.type == "cpu", torch.compiler.is_compiling()
+    binned = on_cpu and not compiling and CHAIN_MAX_LEVELS < n_levels <= 256
     if groups is not None and not binned:
         thresholds, groups = thresholds[groups], None
-    if rows.device.type == "cpu" and torch.compiler.is_compiling() and n_levels <= CHAIN_MAX_LEVELS:
+    if on_cpu and compiling and n_levels <= CHAIN_MAX_LEVELS:
         # traced: the compiler fuses the comparisons itself
         return sum(((rows > thresholds[:, j : j + 1]).to(torch.uint8) for j in range(n_levels - 1)),
                    torch.zeros_like(rows, dtype=torch.uint8))
-    if rows.device.type == "cpu" and not torch.compiler.is_compiling() and n_levels <= 256:
+    if on_cpu and not compiling and n_levels <= 256:
         if not binned:
             count = _count_above(rows, thresholds)
         else:

@@ -287,9 +287,10 @@ def calibrate_layer(quantizer: nn.Module, rows: Tensor, codes: Tensor, stats: In
     factor = gptq_factor(h, config.act_order, damp) if config.gptq else None
     starts = quantizer.calibration_starts() if config.gptq or config.refit else []  # the method's other levels
     for start in (quantizer, *starts):
-        current = copy.deepcopy(start)
-        if start is not quantizer:
-            codes = blocks(start.encode(rows), n_blocks)
+        if start is quantizer:
+            current = copy.deepcopy(quantizer)
+        else:  # already a copy (calibration_starts' contract), refined in place
+            current, codes = start, blocks(start.encode(rows), n_blocks)
         for _ in range(config.rounds):
             if config.gptq:
                 tables, codes_of = row_tables(current, n_blocks)
