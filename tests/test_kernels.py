@@ -11,6 +11,7 @@ from torch import nn
 
 import timm_qconv
 from timm_qconv import QuantConv2d, QuantLinear, get_method, hash_loss, list_methods, quantize_model, set_kernel_backend
+from timm_qconv import _kernels as kernels
 from timm_qconv._batched import BatchedPath, batched_path
 from timm_qconv._kernels import (
     _count_above_binned,
@@ -364,7 +365,7 @@ def test_codes_equal_a_binary_search_including_ties_and_repeated_levels(n_levels
     expected = torch.searchsorted(per_row.contiguous(), rows.contiguous())
     if n_levels <= 256:  # the comparisons: NaN is above no threshold (a binary search puts it last)
         expected[rows.isnan()] = 0
-    if 16 < n_levels <= 256:  # no binary search: by bins (equal in value, else by bit pattern), or in blocks
+    if 8 < n_levels <= 256:  # by bins (equal in value, else by bit pattern), or in blocks; above 16 levels, always
         monkeypatch.setattr(torch, "searchsorted", None)
         by_value = _count_above_binned(rows, mids, groups)
         by_bits = _count_above_binned(rows, mids, groups, by_bits=True)
@@ -381,6 +382,21 @@ def test_codes_equal_a_binary_search_including_ties_and_repeated_levels(n_levels
     assert torch.equal(codes.long(), expected), f"{n_levels} {levels} levels: codes differ from torch.searchsorted"
     by_group = threshold_codes(mids, rows, groups)
     assert torch.equal(by_group.long(), expected), f"{n_levels} {levels} levels: codes by group differ"
+
+
+@pytest.mark.parametrize("n_levels, below, binned", [(16, 0, True), (16, 64, False), (8, 0, False)])
+def test_large_layers_take_the_bins_above_8_levels(n_levels, below, binned, monkeypatch):
+    numel = kernels.LARGE_LAYER_NUMEL - below
+    calls = []
+    monkeypatch.setattr(kernels, "_count_above_binned", lambda *args, **kwargs: calls.append(1) or None)
+    generator = torch.Generator().manual_seed(n_levels)
+    table = torch.sort(torch.randn(4, n_levels, generator=generator), dim=1).values
+    groups = torch.arange(64) % 4
+    rows = torch.randn(64, numel // 64, generator=generator)
+    mids = (table[:, 1:] + table[:, :-1]) / 2
+    codes = threshold_codes(mids, rows, groups)  # the blocks answer where the (spied) bins decline
+    assert bool(calls) == binned, f"{n_levels} levels, {numel} weights: binned search tried: {bool(calls)}"
+    assert torch.equal(codes.long(), torch.searchsorted(mids[groups], rows)), "codes differ from a binary search"
 
 
 def test_reused_buffers_never_leak_into_results_kept_across_layers():

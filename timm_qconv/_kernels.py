@@ -53,6 +53,14 @@ MAX_COMPILED_LEVELS = 16
 #: Up to this many levels, the eager kernels count the thresholds below each weight one by one on a
 #: CPU; above it, by bins (see threshold_codes).
 CHAIN_MAX_LEVELS = 16
+#: ...except in layers of at least this many weights, which count one by one up to
+#: CHAIN_MAX_LEVELS_LARGE levels only: there the comparisons' three float32 buffers (weights,
+#: count, comparison: 48 MiB) overflow the cache (32 MiB of L3 here), and 29 passes through memory
+#: cost more than the bins' dozen. 4 bits, a 4096x1024 linear layer's forward and backward with
+#: the hash loss: 38 -> 28 ms (hash), 44 -> 34 (kmeans), 44 -> 38 (log), 42 -> 33 (linear). At
+#: resnet34's largest (2.4 M weights) the two are even in a training step.
+LARGE_LAYER_NUMEL = 1 << 22
+CHAIN_MAX_LEVELS_LARGE = 8
 #: The binned search compares a weight with at most this many thresholds of its bin; more (levels
 #: repeated or crowded together, as log's near zero) take the search in blocks.
 MAX_BIN_THRESHOLDS = 4
@@ -295,17 +303,19 @@ def threshold_codes(thresholds: Tensor, rows: Tensor, groups: Tensor | None = No
 
     With the midpoints of sorted levels as thresholds this is the index of the nearest level, ties
     going to the lower one (:func:`compact_codes`). On a CPU, eager, up to 256 levels: comparisons
-    with the thresholds, summed (:func:`_count_above`; beyond :data:`CHAIN_MAX_LEVELS` levels,
-    with those of the weight's bin only, :func:`_count_above_binned`, or in two stages,
-    :func:`_count_above_in_blocks`), streaming passes that the
-    vector units run several times faster than ``torch.searchsorted``'s per-element binary
-    search, which the other cases use: O(N log L), never an (N x L) distance matrix.
+    with the thresholds, summed (:func:`_count_above`); beyond :data:`CHAIN_MAX_LEVELS` levels
+    (:data:`CHAIN_MAX_LEVELS_LARGE` in layers of :data:`LARGE_LAYER_NUMEL` weights or more), with
+    those of the weight's bin only (:func:`_count_above_binned`), or in two stages
+    (:func:`_count_above_in_blocks`). These are streaming passes that the vector units run several
+    times faster than ``torch.searchsorted``'s per-element binary search, which the other cases
+    use: O(N log L), never an (N x L) distance matrix.
     """
     thresholds = thresholds.detach().float()
     rows = rows.detach().float()
     n_levels = thresholds.shape[1] + 1
     on_cpu, compiling = rows.device.type == "cpu", torch.compiler.is_compiling()
-    binned = on_cpu and not compiling and CHAIN_MAX_LEVELS < n_levels <= 256
+    chain_max = CHAIN_MAX_LEVELS if rows.numel() < LARGE_LAYER_NUMEL else CHAIN_MAX_LEVELS_LARGE
+    binned = on_cpu and not compiling and chain_max < n_levels <= 256
     if groups is not None and not binned:
         thresholds, groups = thresholds[groups], None
     if on_cpu and compiling and n_levels <= CHAIN_MAX_LEVELS:
