@@ -384,6 +384,23 @@ def test_codes_equal_a_binary_search_including_ties_and_repeated_levels(n_levels
     assert torch.equal(by_group.long(), expected), f"{n_levels} {levels} levels: codes by group differ"
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e-6])
+@pytest.mark.parametrize("n_levels", [255, 256])
+def test_bit_pattern_bins_keep_one_threshold_each_down_to_subnormal_levels(n_levels, scale, monkeypatch):
+    # log at 8 bits: levels s * 2**-k down to k = 126, subnormal for s < 1, whose bit patterns alone
+    # would crowd up to 16 thresholds into one bin at s = 1e-3
+    monkeypatch.setattr(kernels, "MAX_BIN_THRESHOLDS", 1)
+    magnitudes = 2.0 ** -torch.arange((n_levels - 1) // 2, dtype=torch.float32)
+    shape = torch.cat([-magnitudes, torch.zeros(n_levels - 2 * magnitudes.numel()), magnitudes.flip(0)])
+    table = scale * torch.tensor([[0.6], [1.0], [1.4]]) * shape
+    mids = (table[:, 1:] + table[:, :-1]) / 2
+    rows = torch.randn(3, 2000, generator=torch.Generator().manual_seed(0)) * scale
+    rows[:, :mids.shape[1]] = mids  # on every threshold, subnormal ones included
+    codes = _count_above_binned(rows, mids, by_bits=True)
+    assert codes is not None, f"scale {scale}: more than one threshold in a bin"
+    assert torch.equal(codes.long(), torch.searchsorted(mids, rows)), f"scale {scale}: codes differ"
+
+
 @pytest.mark.parametrize("n_levels, below, binned", [(16, 0, True), (16, 64, False), (8, 0, False)])
 def test_large_layers_take_the_bins_above_8_levels(n_levels, below, binned, monkeypatch):
     numel = kernels.LARGE_LAYER_NUMEL - below

@@ -376,11 +376,14 @@ def _count_above_binned(rows: Tensor, thresholds: Tensor, groups: Tensor | None 
     n_bins = (BINS_PER_THRESHOLD_BY_BITS if by_bits else BINS_PER_THRESHOLD) * (n_thresholds + 1)
     if n_tables * n_bins > 2**24:  # the tables' offsets below must be exact in float32
         return None
-    keys = thresholds
+    keys, lift = thresholds, 1.0
     if by_bits:
         if torch.isnan(thresholds).any():
             return None
-        keys = _bit_order(thresholds, *(torch.empty_like(thresholds) for _ in range(3)))
+        magnitude = thresholds.abs()
+        if bool(((magnitude < torch.finfo(torch.float32).tiny) & (magnitude > 0)).any()):
+            lift = 2.0**64  # subnormal thresholds (log's lowest at 8 bits) become normal: one octave each
+        keys = _bit_order(thresholds, *(torch.empty_like(thresholds) for _ in range(3)), lift=lift)
     low = keys[:, :1]
     scale = n_bins / (keys[:, -1:] - low)
     # a row of one repeated threshold, or with infinite or NaN ones: all in one bin, found crowded
@@ -411,7 +414,7 @@ def _count_above_binned(rows: Tensor, thresholds: Tensor, groups: Tensor | None 
         return table.float().view(1, -1).expand(n_rows, -1)  # every table, seen from every row of weights
 
     count, above, threshold = (_scratch.like(rows, slot) for slot in ("counts", "work", "thresholds"))
-    keys = _bit_order(rows, count, threshold, above) if by_bits else rows
+    keys = _bit_order(rows, count, threshold, above, lift=lift) if by_bits else rows
     bins = bin_of(keys, low[groups], scale[groups], offset[groups], above)
     index = _scratch.like(rows, "index", torch.int64).copy_(bins)
     torch.gather(flat(before), 1, index, out=count)
@@ -421,12 +424,18 @@ def _count_above_binned(rows: Tensor, thresholds: Tensor, groups: Tensor | None 
     return count
 
 
-def _bit_order(x: Tensor, signed: Tensor, bits: Tensor, out: Tensor) -> Tensor:
+def _bit_order(x: Tensor, signed: Tensor, bits: Tensor, out: Tensor, lift: float = 1.0) -> Tensor:
     """A monotone (non-decreasing) map of float32 ``x`` into ``out`` that spaces values by their bit
     patterns: the magnitude's bits read as an integer, with ``x``'s sign, so that every octave of
     magnitude spans the same width (2**23). NaN goes with -inf, below every threshold.
-    ``signed`` and ``bits`` are float32 buffers of ``x``'s shape for the temporaries."""
+    ``signed`` and ``bits`` are float32 buffers of ``x``'s shape for the temporaries.
+
+    Subnormal numbers have no octaves of their own: their bits are the value itself, so they
+    crowd near zero. ``lift``, a power of two, multiplies ``x`` first: exact for subnormals, which
+    become normal, and monotone still where it overflows to infinity."""
     torch.nan_to_num(x, nan=-math.inf, out=signed)
+    if lift != 1.0:
+        signed.mul_(lift)
     torch.abs(signed, out=bits)
     out.copy_(bits.view(torch.int32))  # int -> float rounds, monotonically
     return torch.copysign(out, signed, out=out)
