@@ -430,9 +430,10 @@ def _bit_order(x: Tensor, signed: Tensor, bits: Tensor, out: Tensor, lift: float
     magnitude spans the same width (2**23). NaN goes with -inf, below every threshold.
     ``signed`` and ``bits`` are float32 buffers of ``x``'s shape for the temporaries.
 
-    Subnormal numbers have no octaves of their own: their bits are the value itself, so they
-    crowd near zero. ``lift``, a power of two, multiplies ``x`` first: exact for subnormals, which
-    become normal, and monotone still where it overflows to infinity."""
+    Subnormal numbers break the spacing: their bit patterns grow linearly with the value (in units
+    of 2**-149), so log-spaced ones crowd near zero. ``lift``, a power of two, multiplies ``x``
+    first: exact for subnormals, which become normal, and monotone still where it overflows to
+    infinity."""
     torch.nan_to_num(x, nan=-math.inf, out=signed)
     if lift != 1.0:
         signed.mul_(lift)
