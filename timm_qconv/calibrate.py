@@ -226,7 +226,6 @@ class _LayerInputs:
         self.batches, self.device = batches, device
         self.float_layers = {} if float_model is None else {
             name: module for name, module in float_model.named_modules() if name in layers}
-        self.stepping = [step] * len(batches)  # per batch: still stepped
         inputs = [x.to(device, torch.float32) for x in batches] if step else []
         self.stepped = [SteppedForwards(model, inputs, layers)] if step else []
         if step and float_model is not None:
@@ -235,15 +234,14 @@ class _LayerInputs:
     def __call__(self, name: str) -> Iterator[tuple[Tensor, Tensor | None]]:
         """``(input, float model's input)`` of every call of layer ``name``, batch by batch."""
         for index, x in enumerate(self.batches):
-            if self.stepping[index]:
+            if self.stepped:  # a batch's stopped forward answers None from then on
                 quantized, *floated = self.stepped
                 floats = floated[0].advance(index, name) if floated else None
                 inputs = quantized.advance(index, name)
                 if inputs is not None and (floats is not None or not floated):
                     yield inputs, floats
                     continue
-                self.stepping[index] = False  # cannot step this batch to this layer: run it again from now on
-                for forwards in self.stepped:
+                for forwards in self.stepped:  # cannot step this batch to this layer: run it again from now on
                     forwards.stop(index)
             yield from self._run_again(name, x.to(self.device, torch.float32))
 
