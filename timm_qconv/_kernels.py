@@ -7,10 +7,15 @@ the incoming gradient over the weights that took each level; the weights get no 
 
 Backends:
 
-* ``"eager"`` (default): codes by comparison with the thresholds on a CPU (by bins above
-  16 levels; :func:`threshold_codes`), by ``torch.searchsorted`` elsewhere, then ``gather``; the
-  codes are saved for the backward (one byte each), and the hash loss's squared error is an output
-  of the same autograd node (:class:`_Lookup`), so one scatter gives the levels both gradients.
+* ``"eager"`` (default), one layer at a time. The codes are saved for the backward (one byte
+  each), and the hash loss's squared error is an output of the same autograd node
+  (:class:`_Lookup`), so one backward pass gives the levels both gradients.
+
+  - float32 on a CPU, up to 256 levels: the Numba kernels of :mod:`timm_qconv._native`, one pass
+    over the weights forward (codes, quantized weight and squared error) and one backward;
+  - elsewhere (a GPU, other dtypes, or where Numba does not import), PyTorch operations: codes
+    by comparison with the thresholds on a CPU (by bins above 16 levels; :func:`threshold_codes`),
+    by ``torch.searchsorted`` on a GPU, then ``gather``; a ``scatter_add`` backward.
 * ``"compiled"``: the same maths through ``torch.compile``, fused into one pass over the weights
   forward and one backward, with nothing saved. On a CPU, where QAT of a small-input model is
   bound by passes over the weights, this is what brings the overhead near the cost of a copy of
@@ -165,6 +170,42 @@ def _use_compiled(table: Tensor) -> bool:
     return get_backend() == "compiled"
 
 
+@functools.lru_cache(maxsize=None)
+def _native_module() -> Any:
+    """:mod:`timm_qconv._native` if Numba imports (a dependency: a failure means a broken install),
+    else ``None`` with a warning, once."""
+    try:
+        from . import _native
+    except ImportError as error:
+        warnings.warn(f"timm_qconv: Numba does not import ({error}); quantization-aware training on a CPU "
+                      "falls back to PyTorch operations, about 3x slower. pip install numba", RuntimeWarning,
+                      stacklevel=3)
+        return None
+    return _native
+
+
+def _native_for(rows: Tensor, table: Tensor | None = None, n_levels: int | None = None) -> Any:
+    """The Numba kernels if they serve these float32 CPU tensors (up to 256 levels), else ``None``."""
+    n_levels = table.shape[1] if table is not None else n_levels
+    if (rows.device.type != "cpu" or rows.dtype != torch.float32 or n_levels > 256
+            or (table is not None and table.dtype != torch.float32) or torch.compiler.is_compiling()):
+        return None
+    return _native_module()
+
+
+def _native_lookup(native: Any, table: Tensor, thresholds: Tensor | None, groups: Tensor | None, rows: Tensor,
+                   with_error: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`timm_qconv._native.lookup_forward` with this module's conventions: ``thresholds``
+    ``None`` means the nearest level of the per-row ``table``; ``groups`` ``None``, one threshold row
+    per row of weights."""
+    table = table.detach()
+    if thresholds is None:
+        thresholds = midpoints(table)
+    if groups is None:
+        groups = torch.arange(rows.shape[0])
+    return native.lookup_forward(thresholds.detach().float().contiguous(), groups, table, rows.detach(), with_error)
+
+
 class _Scratch(threading.local):
     """Per-thread CPU buffers for the eager kernels' temporaries, reused from layer to layer and
     step to step. A fresh multi-megabyte tensor is new memory from the OS for every layer, and
@@ -228,6 +269,16 @@ class _Lookup(torch.autograd.Function):
             codes, error = rows.new_empty(0, dtype=torch.long), rows.new_empty(0)
             ctx.mark_non_differentiable(codes, error)
             return _compiled(table.shape[1])[0](rows, table), codes, error
+        native = _native_for(rows, table)
+        ctx.native = native is not None
+        if native is not None:
+            q, codes, error = _native_lookup(native, table, thresholds, groups, rows, with_error)
+            ctx.save_for_backward(table, codes, rows)
+            if error is None:
+                error = rows.new_empty(0)
+                ctx.mark_non_differentiable(error)
+            ctx.mark_non_differentiable(codes)
+            return q, codes, error
         codes = _codes(table, thresholds, rows, groups)  # one byte per weight kept until the backward, not eight
         q = table.gather(1, _scratch.index(codes))
         if with_error:
@@ -250,6 +301,11 @@ class _Lookup(torch.autograd.Function):
             if ctx.compiled:
                 grad = torch.zeros_like(saved) if grad is None else grad.contiguous()
                 grad_table = _compiled(table.shape[1])[1](saved, table, grad) * ctx.grad_scale
+            elif ctx.native:
+                error_coef = 0.0 if grad_error is None else float(grad_error) * 2.0 / ctx.grad_scale
+                grad_table = _native_module().lookup_backward(saved, table, error_inputs[0],
+                                                              None if grad is None else grad.contiguous(),
+                                                              error_coef, ctx.grad_scale)
             else:
                 # Scaled after the scatter (a (C, L) table), not before it (the (C, K) weights).
                 combined = grad
@@ -314,6 +370,10 @@ def threshold_codes(thresholds: Tensor, rows: Tensor, groups: Tensor | None = No
     thresholds = thresholds.detach().float()
     rows = rows.detach().float()
     n_levels = thresholds.shape[1] + 1
+    native = _native_for(rows, n_levels=n_levels)
+    if native is not None:
+        groups = torch.arange(rows.shape[0]) if groups is None else groups
+        return native.codes(thresholds.contiguous(), rows.contiguous(), groups)
     on_cpu, compiling = rows.device.type == "cpu", torch.compiler.is_compiling()
     chain_max = CHAIN_MAX_LEVELS if rows.numel() < LARGE_LAYER_NUMEL else CHAIN_MAX_LEVELS_LARGE
     binned = on_cpu and not compiling and chain_max < n_levels <= 256
@@ -527,6 +587,10 @@ def lookup_codes(
     table = table.contiguous()
     needs_grad = torch.is_grad_enabled() and (table.requires_grad or (ste and rows.requires_grad))
     if not needs_grad and (thresholds is not None or not _use_compiled(table)):
+        native = _native_for(rows, table)
+        if native is not None:
+            q, codes, _ = _native_lookup(native, table, thresholds, groups, rows, with_error=False)
+            return q, codes.long(), None
         codes = _codes(table, thresholds, rows, groups).long()
         return table.gather(1, codes), codes, None
     q, codes, error = _Lookup.apply(table, thresholds, groups, rows, ste, grad_scale, with_error)
