@@ -521,15 +521,19 @@ def test_numba_kernels_give_the_squared_error_alone_its_gradient():
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_numba_kernels_split_rows_over_threads_and_run_in_a_forked_child(monkeypatch):
     native = kernels._native_module()
-    monkeypatch.setattr(native.torch, "get_num_threads", lambda: 3)  # three parts; torch itself keeps one thread
-    monkeypatch.setattr(native._workers, "executor", None)
+    monkeypatch.setattr(native, "_n_parts", lambda n_rows, numel: 3)
+    parts = []
+    monkeypatch.setattr(native, "_codes_parts", lambda *args, _parts=native._codes_parts: parts.append(args[-1])
+                        or _parts(*args))
     thresholds = torch.sort(torch.randn(4, 15), 1).values
     groups = torch.arange(96) % 4
-    rows = torch.randn(96, native.MIN_WEIGHTS_PER_THREAD // 16)
+    rows = torch.randn(96, 100)
     expected = torch.searchsorted(thresholds[groups], rows)
+    threads = torch.get_num_threads()
     assert torch.equal(native.codes(thresholds, rows, groups).long(), expected), "codes in three parts differ"
-    assert native._workers.executor is not None, "the rows were not split over threads"
-    pid = os.fork()  # the parent's worker threads do not exist in the child
+    assert parts == [3], f"the rows were not split over threads: {parts}"
+    assert torch.get_num_threads() == threads, "starting Numba's threads changed torch's thread count"
+    pid = os.fork()  # Numba's OpenMP layer would terminate a child that starts its threads again
     if pid == 0:
         try:
             os._exit(0 if torch.equal(native.codes(thresholds, rows, groups).long(), expected) else 1)
@@ -565,8 +569,10 @@ def test_without_numba_the_kernels_warn_once_and_use_pytorch(monkeypatch):
 
 
 def test_the_kernels_keep_the_torch_thread_count():
-    # Numba's OpenMP thread pool (parallel=True), once started, resets the count torch reads: a fresh process
-    script = ("import torch; torch.set_num_threads(1); from timm_qconv._kernels import compact_codes; "
-              "compact_codes(torch.tensor([[0.0, 1.0]]), torch.rand(1, 8)); print(torch.get_num_threads())")
+    # Starting Numba's OpenMP threads resets the count torch reads (to the number of cores): a fresh
+    # process, with more threads than this machine has cores, and a layer large enough to split
+    threads = os.cpu_count() + 1
+    script = (f"import torch; torch.set_num_threads({threads}); from timm_qconv._kernels import compact_codes; "
+              "compact_codes(torch.tensor([[0.0, 1.0]]), torch.rand(64, 1 << 14)); print(torch.get_num_threads())")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["1"], f"torch.set_num_threads(1) became {out.strip()} once Numba started"
+    assert out.split() == [str(threads)], f"torch.set_num_threads({threads}) became {out.strip()} once Numba started"

@@ -178,8 +178,8 @@ def _native_module() -> Any:
         from . import _native
     except ImportError as error:
         warnings.warn(f"timm_qconv: Numba does not import ({error}); quantization-aware training on a CPU "
-                      "falls back to PyTorch operations, about 3x slower. pip install numba", RuntimeWarning,
-                      stacklevel=3)
+                      "falls back to PyTorch operations, whose quantizer work is about 3x slower. "
+                      "pip install numba", RuntimeWarning, stacklevel=3)
         return None
     return _native
 

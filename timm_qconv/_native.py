@@ -6,7 +6,7 @@ lookup was about 30 of them (15 comparisons and their sum, dtype conversions, a 
 subtraction, a dot product; a scatter in the backward), which on a 2-core CPU kept a resnet34
 training step at 1.26-1.39x the float step. These kernels do the same work in one pass each way,
 one row of weights at a time, each row's temporaries in the cache, in as many threads as
-PyTorch uses (:class:`_Workers`).
+PyTorch uses (:func:`_run`).
 
 A code is the number of the row's ascending thresholds strictly below the weight (ties go to
 the lower level, NaN to code 0), as :func:`timm_qconv._kernels.threshold_codes` defines it: up to
@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numba
@@ -191,41 +190,69 @@ def _backward_kernel(codes: np.ndarray, table: np.ndarray, rows: np.ndarray, gra
             out[c, level] = total * scale
 
 
-class _Workers:
-    """Runs a kernel over a matrix's rows in ``torch.get_num_threads()`` contiguous parts at once:
-    one in the calling thread, the others in a thread pool of this process (the kernels release the
-    GIL).
-
-    Not Numba's own ``parallel=True``: its OpenMP layer terminates a forked child that calls a
-    kernel once the parent has ("fork() called from a process already using GNU OpenMP"), and its
-    start resets the thread count PyTorch reads; its other layers are not safe from several threads
-    or need a TBB library outside the wheel's reach. A child process starts a pool of its own."""
-
-    def __init__(self) -> None:
-        self.executor: ThreadPoolExecutor | None = None
-        self.lock = threading.Lock()
-
-    def run(self, kernel: Callable[..., None], n_rows: int, numel: int, *args: Any) -> None:
-        n_parts = max(1, min(torch.get_num_threads(), n_rows, numel // MIN_WEIGHTS_PER_THREAD))
-        bounds = [n_rows * i // n_parts for i in range(n_parts + 1)]
-        futures = [self._executor(n_parts - 1).submit(kernel, *args, bounds[i], bounds[i + 1])
-                   for i in range(1, n_parts)]
-        kernel(*args, bounds[0], bounds[1])
-        for future in futures:
-            future.result()
-
-    def _executor(self, n_workers: int) -> ThreadPoolExecutor:
-        with self.lock:
-            if self.executor is None or self.executor._max_workers < n_workers:
-                self.executor = ThreadPoolExecutor(n_workers, thread_name_prefix="timm_qconv")
-            return self.executor
+@_jit(parallel=True)
+def _codes_parts(rows: np.ndarray, thresholds: np.ndarray, groups: np.ndarray, tables: tuple, codes: np.ndarray,
+                 n_parts: int) -> None:
+    low, scale, before, padded, usable = tables  # a tuple of arrays cannot cross into the threads as one
+    for p in numba.prange(n_parts):
+        _codes_kernel(rows, thresholds, groups, (low, scale, before, padded, usable), codes,
+                      rows.shape[0] * p // n_parts, rows.shape[0] * (p + 1) // n_parts)
 
 
-_workers = _Workers()
-os.register_at_fork(after_in_child=_workers.__init__)  # the parent's threads do not exist in a child
-#: Layers of fewer weights per thread than this run in the calling thread alone: splitting them
-#: would cost more (about 20 us) than it saves.
+@_jit(parallel=True)
+def _forward_parts(rows: np.ndarray, thresholds: np.ndarray, groups: np.ndarray, tables: tuple, table: np.ndarray,
+                   q: np.ndarray, codes: np.ndarray, row_error: np.ndarray, with_error: bool, n_parts: int) -> None:
+    low, scale, before, padded, usable = tables
+    for p in numba.prange(n_parts):
+        _forward_kernel(rows, thresholds, groups, (low, scale, before, padded, usable), table, q, codes, row_error,
+                        with_error, rows.shape[0] * p // n_parts, rows.shape[0] * (p + 1) // n_parts)
+
+
+@_jit(parallel=True)
+def _backward_parts(codes: np.ndarray, table: np.ndarray, rows: np.ndarray, grad: np.ndarray, has_grad: bool,
+                    error_coef: float, scale: float, out: np.ndarray, n_parts: int) -> None:
+    for p in numba.prange(n_parts):
+        _backward_kernel(codes, table, rows, grad, has_grad, error_coef, scale, out,
+                         codes.shape[0] * p // n_parts, codes.shape[0] * (p + 1) // n_parts)
+
+
+#: Layers of fewer weights per thread than this run in one thread: splitting them would cost
+#: more than it saves.
 MIN_WEIGHTS_PER_THREAD = 1 << 15
+_parallel_lock = threading.Lock()
+#: The process that started Numba's thread pool, if any.
+_parallel_pid: int | None = None
+
+
+def _n_parts(n_rows: int, numel: int) -> int:
+    return max(1, min(torch.get_num_threads(), n_rows, numel // MIN_WEIGHTS_PER_THREAD))
+
+
+def _run(kernel: Callable[..., None], parts: Callable[..., None], n_rows: int, numel: int, *args: Any) -> None:
+    """``kernel`` over all ``n_rows`` rows: in one thread, or by ``parts`` (its ``parallel=True``
+    driver) in as many contiguous parts as PyTorch has threads (``torch.set_num_threads``).
+
+    Numba's threads, not a pool of our own: its OpenMP layer shares the runtime of PyTorch's
+    threads, which a separate pool would wait on after every convolution (8 bits: 1.19-1.29x the
+    float step against 1.35-1.41). Three things about it are handled here. Starting it resets the
+    thread count PyTorch reads, which is put back. Its OpenMP layer terminates a forked child that
+    uses it once the parent has ("fork() called from a process already using GNU OpenMP"), so such
+    a child runs the kernels in one thread. Its ``workqueue`` layer (where OpenMP is missing) is not
+    safe from several threads at once, so calls take a lock (a kernel keeps every core busy anyway).
+    """
+    global _parallel_pid
+    n_parts = _n_parts(n_rows, numel)
+    if n_parts == 1 or _parallel_pid not in (None, os.getpid()):
+        kernel(*args, 0, n_rows)
+        return
+    with _parallel_lock:
+        if _parallel_pid is None:
+            threads = torch.get_num_threads()
+            parts(*args, n_parts)
+            _parallel_pid = os.getpid()
+            torch.set_num_threads(threads)
+        else:
+            parts(*args, n_parts)
 
 
 def _array(x: Tensor) -> np.ndarray:
@@ -237,8 +264,8 @@ def codes(thresholds: Tensor, rows: Tensor, groups: Tensor) -> Tensor:
     ``groups[c]`` serving row ``c``; at most 255 thresholds."""
     out = torch.empty(rows.shape, dtype=torch.uint8)
     thresholds_ = _array(thresholds)
-    _workers.run(_codes_kernel, rows.shape[0], rows.numel(), _array(rows), thresholds_, _array(groups),
-                 _bin_tables(thresholds_), out.numpy())
+    _run(_codes_kernel, _codes_parts, rows.shape[0], rows.numel(), _array(rows), thresholds_, _array(groups),
+         _bin_tables(thresholds_), out.numpy())
     return out
 
 
@@ -250,9 +277,8 @@ def lookup_forward(thresholds: Tensor, groups: Tensor, table: Tensor, rows: Tens
     out_codes = torch.empty(rows.shape, dtype=torch.uint8)
     row_error = torch.empty(rows.shape[0] if with_error else 0)
     thresholds_ = _array(thresholds)
-    _workers.run(_forward_kernel, rows.shape[0], rows.numel(), _array(rows), thresholds_, _array(groups),
-                 _bin_tables(thresholds_), _array(table), q.numpy(), out_codes.numpy(), row_error.numpy(),
-                 with_error)
+    _run(_forward_kernel, _forward_parts, rows.shape[0], rows.numel(), _array(rows), thresholds_, _array(groups),
+         _bin_tables(thresholds_), _array(table), q.numpy(), out_codes.numpy(), row_error.numpy(), with_error)
     return q, out_codes, (row_error.sum() if with_error else None)
 
 
@@ -262,7 +288,7 @@ def lookup_backward(codes: Tensor, table: Tensor, rows: Tensor, grad: Tensor | N
     ``grad + error_coef * (level - weight)``, times ``scale``."""
     out = torch.empty(table.shape, dtype=torch.float32)
     no_grad = np.zeros((0, 0), np.float32)
-    _workers.run(_backward_kernel, codes.shape[0], codes.numel(), _array(codes), _array(table), _array(rows),
-                 no_grad if grad is None else _array(grad), grad is not None, float(error_coef), float(scale),
-                 out.numpy())
+    _run(_backward_kernel, _backward_parts, codes.shape[0], codes.numel(), _array(codes), _array(table),
+         _array(rows), no_grad if grad is None else _array(grad), grad is not None, float(error_coef), float(scale),
+         out.numpy())
     return out
