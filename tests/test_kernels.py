@@ -576,3 +576,21 @@ def test_the_kernels_keep_the_torch_thread_count():
               "compact_codes(torch.tensor([[0.0, 1.0]]), torch.rand(64, 1 << 14)); print(torch.get_num_threads())")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.split() == [str(threads)], f"torch.set_num_threads({threads}) became {out.strip()} once Numba started"
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e-6])
+def test_numba_bins_by_bit_pattern_serve_log_levels_down_to_subnormals(scale):
+    # log at 8 bits: levels s * 2**-k down to k = 126, which equal bins in value would crowd near zero
+    native = kernels._native_module()
+    magnitudes = 2.0 ** -torch.arange(127, dtype=torch.float32)
+    table = scale * torch.tensor([[0.6], [1.0], [1.4]]) * torch.cat([-magnitudes, torch.zeros(1), magnitudes.flip(0)])
+    thresholds = (table[:, 1:] + table[:, :-1]) / 2
+    by_bits, *_, usable = native._bin_tables(thresholds.numpy())
+    assert by_bits.all() and usable.all(), f"scale {scale}: bins by bit pattern {by_bits}, usable {usable}"
+    groups = torch.tensor([0, 1, 2])
+    rows = torch.randn(3, 2000, generator=torch.Generator().manual_seed(0)) * scale
+    rows[:, : thresholds.shape[1]] = thresholds  # on every threshold, subnormal ones included
+    rows[:, -3:] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    expected = torch.searchsorted(thresholds, rows)
+    expected[rows.isnan()] = 0
+    assert torch.equal(native.codes(thresholds, rows, groups).long(), expected), f"scale {scale}: codes differ"

@@ -11,8 +11,8 @@ PyTorch uses (:func:`_run`).
 A code is the number of the row's ascending thresholds strictly below the weight (ties go to
 the lower level, NaN to code 0), as :func:`timm_qconv._kernels.threshold_codes` defines it: up to
 :data:`MAX_COUNTED_THRESHOLDS` thresholds by counting comparisons, which vectorise; above, by bins
-equal in value (:func:`_bin_tables`), or where the thresholds crowd into a bin, by a branchless
-binary search.
+equal in value or in bit pattern (:func:`_bin_tables`), or where the thresholds crowd into a bin
+both ways, by a branchless binary search.
 
 :mod:`timm_qconv._kernels` calls these for float32 CPU tensors of up to 256 levels, outside
 ``torch.compile``, when Numba imports; the eager PyTorch formulation serves the rest. Each
@@ -33,11 +33,15 @@ from torch import Tensor
 #: Up to this many thresholds (64 levels) a row's codes are counted comparison by comparison
 #: (2.4 M weights: 1.4 ms at 16 levels, 4.8 ms at 64); above, by bins (5.0 ms whatever the levels).
 MAX_COUNTED_THRESHOLDS = 63
-#: The bins: this many per threshold, equal in value, and a weight is compared with at most
-#: MAX_BIN_THRESHOLDS thresholds of its bin. Rows whose thresholds crowd more than that into one bin
-#: (log's, halving towards zero) take a branchless binary search (9.3 ms at 256 levels).
+#: The bins: this many per threshold, and a weight is compared with at most MAX_BIN_THRESHOLDS
+#: thresholds of its bin. Bins are equal in value, or where that crowds more thresholds into one
+#: bin (log's, halving towards zero), equal in bit pattern (:func:`_bit_keys`); rows crowded both
+#: ways take a branchless binary search (9.3 ms at 256 levels).
 BINS_PER_THRESHOLD = 4
 MAX_BIN_THRESHOLDS = 4
+#: Bit-pattern keys are taken of ``x * LIFT``: exact (a power of two) and it makes subnormal
+#: numbers, whose bit patterns grow linearly rather than by octaves, normal.
+LIFT = np.float32(2.0**64)
 #: Partial sums per level in the backward: consecutive weights of one level would otherwise wait
 #: on each other's addition (1-bit layers: 3.0 -> 1.2 ms for 2.4 M weights).
 _LANES = 4
@@ -46,11 +50,29 @@ _jit = functools.partial(numba.njit, cache=True, nogil=True, boundscheck=False)
 
 
 @_jit
-def _bin_tables(thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per row of ``thresholds`` (G, T): the first threshold and bins per unit of value (``low``,
-    ``scale``; a weight's bin is ``(w - low) * scale``, clamped), the number of thresholds in the
-    bins before each bin (``before``), the thresholds followed by ``MAX_BIN_THRESHOLDS`` infinities
-    (``padded``), and whether no bin holds more than ``MAX_BIN_THRESHOLDS`` (``usable``).
+def _bit_keys(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """A non-decreasing map of float32 ``x`` into ``out`` that spaces values by bit pattern, so that
+    every octave of magnitude spans the same width: the magnitude's bits (of ``x * LIFT``) read as
+    an integer, with ``x``'s sign. NaN goes with -inf, below every threshold."""
+    lifted = np.empty(x.shape[0], np.float32)
+    for k in range(x.shape[0]):
+        v = x[k]
+        lifted[k] = -np.inf if v != v else v * LIFT
+    bits = lifted.view(np.int32)
+    for k in range(x.shape[0]):
+        magnitude = np.float32(bits[k] & 0x7FFFFFFF)  # int -> float32 rounds, monotonically
+        out[k] = -magnitude if bits[k] < 0 else magnitude
+    return out
+
+
+@_jit
+def _bin_tables(thresholds: np.ndarray) -> tuple:
+    """Per row ``g`` of ``thresholds`` (G, T), the tables of its bins: ``by_bits[g]``, whether they
+    are equal in bit pattern rather than in value; the first key and bins per unit of key (``low``,
+    ``scale``: a weight's bin is ``(key(w) - low) * scale``, clamped); the number of thresholds in
+    the bins before each bin (``before``); the thresholds followed by ``MAX_BIN_THRESHOLDS``
+    infinities (``padded``); and whether no bin holds more than ``MAX_BIN_THRESHOLDS``
+    (``usable``).
 
     Exact, not approximate: thresholds take their bins through the same float32 operations as the
     weights, which are monotone, so a threshold in an earlier bin is below the weight and one in a
@@ -62,22 +84,29 @@ def _bin_tables(thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     low, scale = np.zeros(n_rows, np.float32), np.zeros(n_rows, np.float32)
     before = np.zeros((n_rows, n_bins), np.int32)
     padded = np.full((n_rows, n_thresholds + MAX_BIN_THRESHOLDS), np.inf, np.float32)
-    usable = np.zeros(n_rows, np.bool_)
+    usable, by_bits = np.zeros(n_rows, np.bool_), np.zeros(n_rows, np.bool_)
+    keys = np.empty(n_thresholds, np.float32)
+    per_bin = np.empty(n_bins, np.int32)
     for g in range(n_rows):
         row = thresholds[g]
-        low[g] = row[0]
-        ratio = np.float32(n_bins) / (row[n_thresholds - 1] - row[0])
-        scale[g] = ratio if np.isfinite(ratio) else np.float32(0.0)  # one repeated threshold, inf or NaN: one bin
-        per_bin = np.zeros(n_bins, np.int32)
-        for j in range(n_thresholds):
-            per_bin[_bin(row[j], low[g], scale[g], n_bins)] += 1
-            padded[g, j] = row[j]
+        padded[g, :n_thresholds] = row
+        for attempt in range(2):  # in value, then by bit pattern
+            keys[:] = row if attempt == 0 else _bit_keys(row, keys)
+            by_bits[g] = attempt == 1
+            low[g] = keys[0]
+            ratio = np.float32(n_bins) / (keys[n_thresholds - 1] - keys[0])
+            scale[g] = ratio if np.isfinite(ratio) else np.float32(0.0)  # one repeated threshold, inf, NaN: one bin
+            per_bin[:] = 0
+            for j in range(n_thresholds):
+                per_bin[_bin(keys[j], low[g], scale[g], n_bins)] += 1
+            usable[g] = per_bin.max() <= MAX_BIN_THRESHOLDS
+            if usable[g]:
+                break
         total = 0
         for b in range(n_bins):
             before[g, b] = total
             total += per_bin[b]
-        usable[g] = per_bin.max() <= MAX_BIN_THRESHOLDS
-    return low, scale, before, padded, usable
+    return by_bits, low, scale, before, padded, usable
 
 
 @_jit
@@ -101,12 +130,13 @@ def _row_codes(x: np.ndarray, g: int, thresholds: np.ndarray, tables: tuple, cou
             for k in range(n):
                 count[k] += x[k] > t
         return
-    low, scale, before, padded, usable = tables
+    by_bits, low, scale, before, padded, usable = tables
     if usable[g]:
         # separate passes, each of which vectorises: the bin's first threshold, then comparisons
         n_bins, bin_starts, candidates = before.shape[1], before[g], padded[g]
+        keys = _bit_keys(x, np.empty(n, np.float32)) if by_bits[g] else x
         for k in range(n):
-            count[k] = bin_starts[_bin(x[k], low[g], scale[g], n_bins)]
+            count[k] = bin_starts[_bin(keys[k], low[g], scale[g], n_bins)]
         start = count.copy()
         for j in range(MAX_BIN_THRESHOLDS):
             for k in range(n):
@@ -193,19 +223,19 @@ def _backward_kernel(codes: np.ndarray, table: np.ndarray, rows: np.ndarray, gra
 @_jit(parallel=True)
 def _codes_parts(rows: np.ndarray, thresholds: np.ndarray, groups: np.ndarray, tables: tuple, codes: np.ndarray,
                  n_parts: int) -> None:
-    low, scale, before, padded, usable = tables  # a tuple of arrays cannot cross into the threads as one
+    by_bits, low, scale, before, padded, usable = tables  # a tuple of arrays cannot cross into the threads
     for p in numba.prange(n_parts):
-        _codes_kernel(rows, thresholds, groups, (low, scale, before, padded, usable), codes,
+        _codes_kernel(rows, thresholds, groups, (by_bits, low, scale, before, padded, usable), codes,
                       rows.shape[0] * p // n_parts, rows.shape[0] * (p + 1) // n_parts)
 
 
 @_jit(parallel=True)
 def _forward_parts(rows: np.ndarray, thresholds: np.ndarray, groups: np.ndarray, tables: tuple, table: np.ndarray,
                    q: np.ndarray, codes: np.ndarray, row_error: np.ndarray, with_error: bool, n_parts: int) -> None:
-    low, scale, before, padded, usable = tables
+    by_bits, low, scale, before, padded, usable = tables
     for p in numba.prange(n_parts):
-        _forward_kernel(rows, thresholds, groups, (low, scale, before, padded, usable), table, q, codes, row_error,
-                        with_error, rows.shape[0] * p // n_parts, rows.shape[0] * (p + 1) // n_parts)
+        _forward_kernel(rows, thresholds, groups, (by_bits, low, scale, before, padded, usable), table, q, codes,
+                        row_error, with_error, rows.shape[0] * p // n_parts, rows.shape[0] * (p + 1) // n_parts)
 
 
 @_jit(parallel=True)
