@@ -594,3 +594,23 @@ def test_numba_bins_by_bit_pattern_serve_log_levels_down_to_subnormals(scale):
     expected = torch.searchsorted(thresholds, rows)
     expected[rows.isnan()] = 0
     assert torch.equal(native.codes(thresholds, rows, groups).long(), expected), f"scale {scale}: codes differ"
+
+
+def test_numba_kernels_refuse_shapes_that_would_index_out_of_bounds():
+    native = kernels._native_module()
+    rows, thresholds = torch.randn(8, 20), torch.sort(torch.randn(2, 3), 1).values
+    table = torch.sort(torch.randn(8, 4), 1).values
+    bad_calls = {
+        "groups beyond the thresholds": lambda: native.codes(thresholds, rows, torch.arange(8)),
+        "too few groups": lambda: native.codes(thresholds, rows, torch.zeros(4, dtype=torch.long)),
+        "a table of other rows": lambda: native.lookup_forward(thresholds, torch.zeros(8, dtype=torch.long),
+                                                               table[:4], rows, True),
+        "a gradient of another shape": lambda: native.lookup_backward(torch.zeros(8, 20, dtype=torch.uint8), table,
+                                                                      rows, torch.ones(8, 10), 0.0, 1.0),
+        "a table of other rows, backward": lambda: native.lookup_backward(torch.zeros(8, 20, dtype=torch.uint8),
+                                                                          table[:2], rows, None, 1.0, 1.0),
+    }
+    for what, call in bad_calls.items():
+        with pytest.raises(ValueError, match="timm_qconv kernels"):
+            call()
+            pytest.fail(f"{what}: accepted")

@@ -289,9 +289,32 @@ def _array(x: Tensor) -> np.ndarray:
     return x.detach().numpy()
 
 
+def _check(rows: Tensor, thresholds: Tensor | None = None, groups: Tensor | None = None,
+           table: Tensor | None = None, grad: Tensor | None = None) -> None:
+    """The kernels index without bounds checks: shapes that do not fit would read and write out
+    of bounds, so they are refused here, as PyTorch's own operations would refuse them."""
+    n_rows = rows.shape[0]
+    problems = []
+    if rows.ndim != 2 or not rows.is_contiguous():
+        problems.append(f"rows must be a contiguous (C, K) matrix, got shape {tuple(rows.shape)}")
+    if table is not None and (table.ndim != 2 or table.shape[0] != n_rows or not table.is_contiguous()):
+        problems.append(f"table must be a contiguous ({n_rows}, L) matrix, got shape {tuple(table.shape)}")
+    if grad is not None and grad.shape != rows.shape:
+        problems.append(f"grad must have the shape {tuple(rows.shape)} of rows, got {tuple(grad.shape)}")
+    if thresholds is not None:
+        if table is not None and thresholds.shape[1] != table.shape[1] - 1:
+            problems.append(f"thresholds must have {table.shape[1] - 1} columns, got {thresholds.shape[1]}")
+        if groups.shape != (n_rows,) or (n_rows and not 0 <= int(groups.min()) <= int(groups.max())
+                                         < thresholds.shape[0]):
+            problems.append(f"groups must be {n_rows} indexes into the {thresholds.shape[0]} rows of thresholds")
+    if problems:
+        raise ValueError("timm_qconv kernels: " + "; ".join(problems))
+
+
 def codes(thresholds: Tensor, rows: Tensor, groups: Tensor) -> Tensor:
     """uint8 codes of float32 ``rows`` (C, K) for ascending float32 ``thresholds`` (G, T), row
     ``groups[c]`` serving row ``c``; at most 255 thresholds."""
+    _check(rows, thresholds, groups)
     out = torch.empty(rows.shape, dtype=torch.uint8)
     thresholds_ = _array(thresholds)
     _run(_codes_kernel, _codes_parts, rows.shape[0], rows.numel(), _array(rows), thresholds_, _array(groups),
@@ -303,6 +326,7 @@ def lookup_forward(thresholds: Tensor, groups: Tensor, table: Tensor, rows: Tens
                    with_error: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(q, codes, error)``: each weight's level in its row of ``table`` (C, L), the uint8 codes,
     and ``sum((q - rows)**2)`` as a float32 scalar if ``with_error`` (else ``None``)."""
+    _check(rows, thresholds, groups, table)
     q = torch.empty_like(rows)
     out_codes = torch.empty(rows.shape, dtype=torch.uint8)
     row_error = torch.empty(rows.shape[0] if with_error else 0)
@@ -316,6 +340,9 @@ def lookup_backward(codes: Tensor, table: Tensor, rows: Tensor, grad: Tensor | N
                     scale: float) -> Tensor:
     """Gradient of the ``(C, L)`` table: per level, the sum over the weights of that code of
     ``grad + error_coef * (level - weight)``, times ``scale``."""
+    _check(rows, table=table, grad=grad)
+    if codes.shape != rows.shape:
+        raise ValueError(f"timm_qconv kernels: codes of shape {tuple(codes.shape)} for rows {tuple(rows.shape)}")
     out = torch.empty(table.shape, dtype=torch.float32)
     no_grad = np.zeros((0, 0), np.float32)
     _run(_backward_kernel, _backward_parts, codes.shape[0], codes.numel(), _array(codes), _array(table),
