@@ -573,7 +573,8 @@ def test_the_kernels_keep_the_torch_thread_count():
     # process, with more threads than this machine has cores, and a layer large enough to split
     threads = os.cpu_count() + 1
     script = (f"import torch; torch.set_num_threads({threads}); from timm_qconv._kernels import compact_codes; "
-              "compact_codes(torch.tensor([[0.0, 1.0]]), torch.rand(64, 1 << 14)); print(torch.get_num_threads())")
+              "compact_codes(torch.tensor([[0.0, 1.0]]).expand(64, -1), torch.rand(64, 1 << 14)); "
+              "print(torch.get_num_threads())")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.split() == [str(threads)], f"torch.set_num_threads({threads}) became {out.strip()} once Numba started"
 
