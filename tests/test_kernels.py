@@ -402,6 +402,9 @@ def test_codes_equal_a_binary_search_including_ties_and_repeated_levels(n_levels
     assert torch.equal(codes.long(), expected), f"{n_levels} {levels} levels: codes differ from torch.searchsorted"
     by_group = threshold_codes(mids, rows, groups)
     assert torch.equal(by_group.long(), expected), f"{n_levels} {levels} levels: codes by group differ"
+    if cpu_kernels == "numba" and n_levels <= 256:
+        codes = numba_codes(mids, rows, groups)
+        assert torch.equal(codes.long(), expected), f"{n_levels} {levels} levels: the Numba forward's codes differ"
 
 
 @pytest.mark.parametrize("scale", [1.0, 1e-3, 1e-6])
@@ -460,6 +463,12 @@ def test_binned_search_declines_tables_whose_flat_offsets_float32_cannot_hold():
     rows = torch.rand(n_rows, 1) * 2 - 1
     assert _count_above_binned(rows, thresholds) is None, "binned search with offsets beyond float32's integers"
     assert _count_above_binned(rows[:1000], thresholds[:1000]) is not None, "binned search declined a small table"
+
+
+def numba_codes(thresholds: torch.Tensor, rows: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """The codes of the Numba forward (with a level table of the codes themselves)."""
+    table = torch.arange(thresholds.shape[1] + 1, dtype=torch.float32).expand(rows.shape[0], -1).contiguous()
+    return kernels._native_module().lookup_forward(thresholds, groups, table, rows, False)[1]
 
 
 def spy_on_numba(monkeypatch) -> list:
@@ -523,20 +532,20 @@ def test_numba_kernels_split_rows_over_threads_and_run_in_a_forked_child(monkeyp
     native = kernels._native_module()
     monkeypatch.setattr(native, "_n_parts", lambda n_rows, numel: 3)
     parts = []
-    monkeypatch.setattr(native, "_codes_parts", lambda *args, _parts=native._codes_parts: parts.append(args[-1])
+    monkeypatch.setattr(native, "_forward_parts", lambda *args, _parts=native._forward_parts: parts.append(args[-1])
                         or _parts(*args))
     thresholds = torch.sort(torch.randn(4, 15), 1).values
     groups = torch.arange(96) % 4
     rows = torch.randn(96, 100)
     expected = torch.searchsorted(thresholds[groups], rows)
     threads = torch.get_num_threads()
-    assert torch.equal(native.codes(thresholds, rows, groups).long(), expected), "codes in three parts differ"
+    assert torch.equal(numba_codes(thresholds, rows, groups).long(), expected), "codes in three parts differ"
     assert parts == [3], f"the rows were not split over threads: {parts}"
     assert torch.get_num_threads() == threads, "starting Numba's threads changed torch's thread count"
     pid = os.fork()  # Numba's OpenMP layer would terminate a child that starts its threads again
     if pid == 0:
         try:
-            os._exit(0 if torch.equal(native.codes(thresholds, rows, groups).long(), expected) else 1)
+            os._exit(0 if torch.equal(numba_codes(thresholds, rows, groups).long(), expected) else 1)
         finally:
             os._exit(2)
     for _ in range(300):
@@ -559,11 +568,12 @@ def test_without_numba_the_kernels_warn_once_and_use_pytorch(monkeypatch):
         table = torch.sort(torch.randn(3, 16), 1).values
         rows = torch.randn(3, 100)
         with pytest.warns(RuntimeWarning, match="Numba does not import"):
-            codes = compact_codes(table, rows)
-        assert torch.equal(codes.long(), torch.searchsorted(kernels.midpoints(table), rows)), "fallback codes differ"
+            q, codes, _ = kernels.lookup_codes(table, rows)
+        expected = torch.searchsorted(kernels.midpoints(table), rows)
+        assert torch.equal(codes, expected) and torch.equal(q, table.gather(1, expected)), "fallback lookup differs"
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            compact_codes(table, rows)  # warned once, not at every layer
+            kernels.lookup_codes(table, rows)  # warned once, not at every layer
     finally:
         kernels._native_module.cache_clear()
 
@@ -572,8 +582,8 @@ def test_the_kernels_keep_the_torch_thread_count():
     # Starting Numba's OpenMP threads resets the count torch reads (to the number of cores): a fresh
     # process, with more threads than this machine has cores, and a layer large enough to split
     threads = os.cpu_count() + 1
-    script = (f"import torch; torch.set_num_threads({threads}); from timm_qconv._kernels import compact_codes; "
-              "compact_codes(torch.tensor([[0.0, 1.0]]).expand(64, -1), torch.rand(64, 1 << 14)); "
+    script = (f"import torch; torch.set_num_threads({threads}); from timm_qconv._kernels import lookup_codes; "
+              "lookup_codes(torch.tensor([[0.0, 1.0]]).expand(64, -1), torch.rand(64, 1 << 14)); "
               "print(torch.get_num_threads())")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.split() == [str(threads)], f"torch.set_num_threads({threads}) became {out.strip()} once Numba started"
@@ -594,7 +604,7 @@ def test_numba_bins_by_bit_pattern_serve_log_levels_down_to_subnormals(scale):
     rows[:, -3:] = torch.tensor([float("nan"), float("inf"), -float("inf")])
     expected = torch.searchsorted(thresholds, rows)
     expected[rows.isnan()] = 0
-    assert torch.equal(native.codes(thresholds, rows, groups).long(), expected), f"scale {scale}: codes differ"
+    assert torch.equal(numba_codes(thresholds, rows, groups).long(), expected), f"scale {scale}: codes differ"
 
 
 def test_numba_kernels_refuse_shapes_that_would_index_out_of_bounds():
@@ -602,8 +612,9 @@ def test_numba_kernels_refuse_shapes_that_would_index_out_of_bounds():
     rows, thresholds = torch.randn(8, 20), torch.sort(torch.randn(2, 3), 1).values
     table = torch.sort(torch.randn(8, 4), 1).values
     bad_calls = {
-        "groups beyond the thresholds": lambda: native.codes(thresholds, rows, torch.arange(8)),
-        "too few groups": lambda: native.codes(thresholds, rows, torch.zeros(4, dtype=torch.long)),
+        "groups beyond the thresholds": lambda: native.lookup_forward(thresholds, torch.arange(8), table, rows, True),
+        "too few groups": lambda: native.lookup_forward(thresholds, torch.zeros(4, dtype=torch.long), table, rows,
+                                                        True),
         "a table of other rows": lambda: native.lookup_forward(thresholds, torch.zeros(8, dtype=torch.long),
                                                                table[:4], rows, True),
         "a gradient of another shape": lambda: native.lookup_backward(torch.zeros(8, 20, dtype=torch.uint8), table,

@@ -12,7 +12,8 @@ Backends:
   (:class:`_Lookup`), so one backward pass gives the levels both gradients.
 
   - float32 on a CPU, up to 256 levels: the Numba kernels of :mod:`timm_qconv._native`, one pass
-    over the weights forward (codes, quantized weight and squared error) and one backward;
+    over the weights forward (codes, quantized weight and squared error) and one backward (not
+    :func:`threshold_codes`, which post-training quantization calls: see that module);
   - elsewhere (a GPU, other dtypes, or where Numba does not import), PyTorch operations: codes
     by comparison with the thresholds on a CPU (by bins above 16 levels; :func:`threshold_codes`),
     by ``torch.searchsorted`` on a GPU, then ``gather``; a ``scatter_add`` backward.
@@ -184,11 +185,10 @@ def _native_module() -> Any:
     return _native
 
 
-def _native_for(rows: Tensor, table: Tensor | None = None, n_levels: int | None = None) -> Any:
+def _native_for(rows: Tensor, table: Tensor) -> Any:
     """The Numba kernels if they serve these float32 CPU tensors (up to 256 levels), else ``None``."""
-    n_levels = table.shape[1] if table is not None else n_levels
-    if (rows.device.type != "cpu" or rows.dtype != torch.float32 or n_levels > 256
-            or (table is not None and table.dtype != torch.float32) or torch.compiler.is_compiling()):
+    if (rows.device.type != "cpu" or rows.dtype != torch.float32 or table.shape[1] > 256
+            or table.dtype != torch.float32 or torch.compiler.is_compiling()):
         return None
     return _native_module()
 
@@ -370,10 +370,6 @@ def threshold_codes(thresholds: Tensor, rows: Tensor, groups: Tensor | None = No
     thresholds = thresholds.detach().float()
     rows = rows.detach().float()
     n_levels = thresholds.shape[1] + 1
-    native = _native_for(rows, n_levels=n_levels)
-    if native is not None:
-        groups = torch.arange(rows.shape[0]) if groups is None else groups
-        return native.codes(thresholds.contiguous(), rows.contiguous(), groups)
     on_cpu, compiling = rows.device.type == "cpu", torch.compiler.is_compiling()
     chain_max = CHAIN_MAX_LEVELS if rows.numel() < LARGE_LAYER_NUMEL else CHAIN_MAX_LEVELS_LARGE
     binned = on_cpu and not compiling and chain_max < n_levels <= 256

@@ -14,8 +14,10 @@ the lower level, NaN to code 0), as :func:`timm_qconv._kernels.threshold_codes` 
 equal in value or in bit pattern (:func:`_bin_tables`), or where the thresholds crowd into a bin
 both ways, by a branchless binary search.
 
-:mod:`timm_qconv._kernels` calls these for float32 CPU tensors of up to 256 levels, outside
-``torch.compile``, when Numba imports; the eager PyTorch formulation serves the rest. Each
+:mod:`timm_qconv._kernels` calls these in training and evaluation forwards of float32 CPU
+weights with up to 256 levels, outside ``torch.compile``, when Numba imports; the eager PyTorch
+formulation serves the rest, and post-training quantization's codes, whose memory bound (twice
+the largest layer beyond the model) Numba's runtime alone would exceed (120-190 MiB). Each
 kernel compiles on first use (a few seconds) and Numba caches it on disk.
 """
 from __future__ import annotations
@@ -156,17 +158,6 @@ def _row_codes(x: np.ndarray, g: int, thresholds: np.ndarray, tables: tuple, cou
         step >>= 1
 
 
-@_jit
-def _codes_kernel(rows: np.ndarray, thresholds: np.ndarray, groups: np.ndarray, tables: tuple, codes: np.ndarray,
-                  start: int, stop: int) -> None:
-    count = np.empty(rows.shape[1], np.int32)
-    for c in range(start, stop):
-        code_row = codes[c]
-        _row_codes(rows[c], groups[c], thresholds, tables, count)
-        for k in range(rows.shape[1]):
-            code_row[k] = count[k]
-
-
 @_jit(fastmath=True)
 def _squared_error(q: np.ndarray, x: np.ndarray) -> float:
     # fastmath lets the sum be reordered, so that it vectorises: float32 lanes, as torch.dot's
@@ -218,15 +209,6 @@ def _backward_kernel(codes: np.ndarray, table: np.ndarray, rows: np.ndarray, gra
             for lane in range(_LANES):
                 total += sums[lane * n_levels + level]
             out[c, level] = total * scale
-
-
-@_jit(parallel=True)
-def _codes_parts(rows: np.ndarray, thresholds: np.ndarray, groups: np.ndarray, tables: tuple, codes: np.ndarray,
-                 n_parts: int) -> None:
-    by_bits, low, scale, before, padded, usable = tables  # a tuple of arrays cannot cross into the threads
-    for p in numba.prange(n_parts):
-        _codes_kernel(rows, thresholds, groups, (by_bits, low, scale, before, padded, usable), codes,
-                      rows.shape[0] * p // n_parts, rows.shape[0] * (p + 1) // n_parts)
 
 
 @_jit(parallel=True)
@@ -309,17 +291,6 @@ def _check(rows: Tensor, thresholds: Tensor | None = None, groups: Tensor | None
             problems.append(f"groups must be {n_rows} indexes into the {thresholds.shape[0]} rows of thresholds")
     if problems:
         raise ValueError("timm_qconv kernels: " + "; ".join(problems))
-
-
-def codes(thresholds: Tensor, rows: Tensor, groups: Tensor) -> Tensor:
-    """uint8 codes of float32 ``rows`` (C, K) for ascending float32 ``thresholds`` (G, T), row
-    ``groups[c]`` serving row ``c``; at most 255 thresholds."""
-    _check(rows, thresholds, groups)
-    out = torch.empty(rows.shape, dtype=torch.uint8)
-    thresholds_ = _array(thresholds)
-    _run(_codes_kernel, _codes_parts, rows.shape[0], rows.numel(), _array(rows), thresholds_, _array(groups),
-         _bin_tables(thresholds_), out.numpy())
-    return out
 
 
 def lookup_forward(thresholds: Tensor, groups: Tensor, table: Tensor, rows: Tensor,
