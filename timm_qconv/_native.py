@@ -15,9 +15,9 @@ equal in value or in bit pattern (:func:`_bin_tables`), or where the thresholds 
 both ways, by a branchless binary search.
 
 :mod:`timm_qconv._kernels` calls these in training and evaluation forwards of float32 CPU
-weights with up to 256 levels, outside ``torch.compile``, when Numba imports; the eager PyTorch
-formulation serves the rest, and post-training quantization's codes, whose memory bound (twice
-the largest layer beyond the model) Numba's runtime alone would exceed (120-190 MiB). Each
+weights with up to 256 levels, outside ``torch.compile``, when Numba imports. The eager PyTorch
+formulation serves the rest, post-training quantization's codes included: Numba's runtime alone
+(120-190 MiB) would exceed that memory bound, twice the largest layer beyond the model. Each
 kernel compiles on first use (a few seconds) and Numba caches it on disk.
 """
 from __future__ import annotations
@@ -244,12 +244,13 @@ def _run(kernel: Callable[..., None], parts: Callable[..., None], n_rows: int, n
     """``kernel`` over all ``n_rows`` rows: in one thread, or by ``parts`` (its ``parallel=True``
     driver) in as many contiguous parts as PyTorch has threads (``torch.set_num_threads``).
 
-    Numba's threads, not a pool of our own: its OpenMP layer shares the runtime of PyTorch's
-    threads, which a separate pool would wait on after every convolution (8 bits: 1.19-1.29x the
-    float step against 1.35-1.41). Three things about it are handled here. Starting it resets the
-    thread count PyTorch reads, which is put back. Its OpenMP layer terminates a forked child that
-    uses it once the parent has ("fork() called from a process already using GNU OpenMP"), so such
-    a child runs the kernels in one thread. Its ``workqueue`` layer (where OpenMP is missing) is not
+    Numba's threads, not a pool of our own: its OpenMP layer runs on the OpenMP runtime of
+    PyTorch's threads (here the same libgomp), which a separate pool would wait on after every
+    convolution while they spin (8 bits: 1.19-1.29x the float step against 1.35-1.41). Three
+    things about it are handled here. Starting it resets the thread count PyTorch reads, which is
+    put back. Its OpenMP layer terminates a forked child that uses it once the parent has ("fork()
+    called from a process already using GNU OpenMP"), so such a child runs the kernels in one
+    thread. Its ``workqueue`` layer (where OpenMP is missing) is not
     safe from several threads at once, so calls take a lock (a kernel keeps every core busy anyway).
     """
     global _parallel_pid
