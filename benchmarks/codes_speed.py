@@ -5,9 +5,10 @@ Linear), then every layer's codes (of layers of at least ``--min-numel`` weights
 its fitted levels by each search, a pass over all layers at a time, and the median of
 ``--repeats`` passes printed beside its ratio to ``torch.searchsorted`` measured in the same run:
 
-* ``default``: :func:`timm_qconv._kernels.threshold_codes` as training calls it (thresholds per
-  group; comparisons one by one up to 16 levels, 8 in layers of 4 Mi weights or more; bins above;
-  in blocks where bins crowd);
+* ``default``: :func:`timm_qconv._kernels.threshold_codes` as post-training quantization calls it,
+  and training where Numba does not import (the Numba kernels' own search is timed with the
+  training step, ``qat_overhead.py``): thresholds per group; comparisons one by one up to 16
+  levels, 8 in layers of 4 Mi weights or more; bins above; in blocks where bins crowd;
 * ``one by one``: the comparisons alone (up to 16 levels);
 * ``bins``: the binned search alone (equal in value, else by bit pattern; "declined" where
   thresholds crowd in the bins);

@@ -250,8 +250,8 @@ def _run(kernel: Callable[..., None], parts: Callable[..., None], n_rows: int, n
     things about it are handled here. Starting it resets the thread count PyTorch reads, which is
     put back. Its OpenMP layer terminates a forked child that uses it once the parent has ("fork()
     called from a process already using GNU OpenMP"), so such a child runs the kernels in one
-    thread. Its ``workqueue`` layer (where OpenMP is missing) is not
-    safe from several threads at once, so calls take a lock (a kernel keeps every core busy anyway).
+    thread. Its ``workqueue`` layer (where OpenMP is missing) is not safe from several threads at
+    once, so calls take a lock (a kernel keeps every core busy anyway).
     """
     global _parallel_pid
     n_parts = _n_parts(n_rows, numel)
@@ -273,7 +273,7 @@ def _array(x: Tensor) -> np.ndarray:
 
 
 def _check(rows: Tensor, thresholds: Tensor | None = None, groups: Tensor | None = None,
-           table: Tensor | None = None, grad: Tensor | None = None) -> None:
+           table: Tensor | None = None, grad: Tensor | None = None, codes: Tensor | None = None) -> None:
     """The kernels index without bounds checks: shapes that do not fit would read and write out
     of bounds, so they are refused here, as PyTorch's own operations would refuse them."""
     n_rows = rows.shape[0]
@@ -282,8 +282,9 @@ def _check(rows: Tensor, thresholds: Tensor | None = None, groups: Tensor | None
         problems.append(f"rows must be a contiguous (C, K) matrix, got shape {tuple(rows.shape)}")
     if table is not None and (table.ndim != 2 or table.shape[0] != n_rows or not table.is_contiguous()):
         problems.append(f"table must be a contiguous ({n_rows}, L) matrix, got shape {tuple(table.shape)}")
-    if grad is not None and grad.shape != rows.shape:
-        problems.append(f"grad must have the shape {tuple(rows.shape)} of rows, got {tuple(grad.shape)}")
+    for name, tensor in (("grad", grad), ("codes", codes)):
+        if tensor is not None and tensor.shape != rows.shape:
+            problems.append(f"{name} must have the shape {tuple(rows.shape)} of rows, got {tuple(tensor.shape)}")
     if thresholds is not None:
         if table is not None and thresholds.shape[1] != table.shape[1] - 1:
             problems.append(f"thresholds must have {table.shape[1] - 1} columns, got {thresholds.shape[1]}")
@@ -312,9 +313,7 @@ def lookup_backward(codes: Tensor, table: Tensor, rows: Tensor, grad: Tensor | N
                     scale: float) -> Tensor:
     """Gradient of the ``(C, L)`` table: per level, the sum over the weights of that code of
     ``grad + error_coef * (level - weight)``, times ``scale``."""
-    _check(rows, table=table, grad=grad)
-    if codes.shape != rows.shape:
-        raise ValueError(f"timm_qconv kernels: codes of shape {tuple(codes.shape)} for rows {tuple(rows.shape)}")
+    _check(rows, table=table, grad=grad, codes=codes)
     out = torch.empty(table.shape, dtype=torch.float32)
     no_grad = np.zeros((0, 0), np.float32)
     _run(_backward_kernel, _backward_parts, codes.shape[0], codes.numel(), _array(codes), _array(table),
