@@ -621,6 +621,8 @@ def test_numba_kernels_refuse_shapes_that_would_index_out_of_bounds():
                                                                       rows, torch.ones(8, 10), 0.0, 1.0),
         "a table of other rows, backward": lambda: native.lookup_backward(torch.zeros(8, 20, dtype=torch.uint8),
                                                                           table[:2], rows, None, 1.0, 1.0),
+        "codes of another shape": lambda: native.lookup_backward(torch.zeros(8, 30, dtype=torch.uint8), table, rows,
+                                                                 None, 1.0, 1.0),
     }
     for what, call in bad_calls.items():
         with pytest.raises(ValueError, match="timm_qconv kernels"):
