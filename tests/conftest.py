@@ -101,3 +101,14 @@ def tiny_model() -> nn.Module:
     """A conv, a pool and a classifier: the least a callback test needs."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+@pytest.fixture(params=["numba", "torch"])
+def cpu_kernels(request, monkeypatch):
+    """Both CPU formulations of the eager kernels: Numba's (the default) and PyTorch's (where Numba
+    does not import)."""
+    if request.param == "torch":
+        from timm_qconv import _kernels
+
+        monkeypatch.setattr(_kernels, "_native_for", lambda *args, **kwargs: None)
+    return request.param

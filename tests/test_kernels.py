@@ -50,15 +50,6 @@ def compiled_backend():
         set_backend(previous)
 
 
-@pytest.fixture(params=["numba", "torch"])
-def cpu_kernels(request, monkeypatch):
-    """Both CPU formulations of the eager kernels: Numba's (the default) and PyTorch's (where Numba
-    does not import)."""
-    if request.param == "torch":
-        monkeypatch.setattr(kernels, "_native_for", lambda *args, **kwargs: None)
-    return request.param
-
-
 @pytest.fixture
 def torch_ops(monkeypatch):
     """The PyTorch formulation of the eager kernels only."""

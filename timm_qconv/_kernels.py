@@ -284,7 +284,7 @@ class _Lookup(torch.autograd.Function):
         if with_error:
             diff = torch.sub(q, rows, out=_scratch.like(rows, "work")).view(-1)  # float32, as rows
             error = torch.dot(diff, diff).float()
-            ctx.save_for_backward(table, codes, q, rows)
+            ctx.save_for_backward(table, codes, rows)  # not q: a layer's graph may keep the codes in its place
         else:
             error = rows.new_empty(0)
             ctx.mark_non_differentiable(error)
@@ -310,7 +310,8 @@ class _Lookup(torch.autograd.Function):
                 # Scaled after the scatter (a (C, L) table), not before it (the (C, K) weights).
                 combined = grad
                 if grad_error is not None and error_inputs:
-                    q, rows = error_inputs
+                    (rows,) = error_inputs
+                    q = table.gather(1, _scratch.index(saved))
                     error_grad = (grad_error * (2.0 / ctx.grad_scale)).to(q.dtype)
                     diff = torch.sub(q, rows, out=_scratch.like(q, "work"))
                     if grad is None:
@@ -591,3 +592,14 @@ def lookup_codes(
         return table.gather(1, codes), codes, None
     q, codes, error = _Lookup.apply(table, thresholds, groups, rows, ste, grad_scale, with_error)
     return q, (codes if codes.numel() else None), (error if error.ndim == 0 else None)
+
+
+def decode_codes(table: Tensor, groups: Tensor, codes: Tensor) -> Tensor:
+    """The float32 ``(C, K)`` levels of the ``codes`` :func:`lookup_codes` found, row ``c`` reading
+    row ``groups[c]`` of ``table`` (G, L): its ``q``, bit for bit, without a gradient."""
+    table = table.detach().float().contiguous()
+    if codes.device.type == "cpu" and codes.dtype == torch.uint8 and not torch.compiler.is_compiling():
+        native = _native_module()
+        if native is not None:
+            return native.decode(codes.contiguous(), groups, table)
+    return table[groups].gather(1, codes.long())

@@ -228,6 +228,21 @@ def _backward_parts(codes: np.ndarray, table: np.ndarray, rows: np.ndarray, grad
                          codes.shape[0] * p // n_parts, codes.shape[0] * (p + 1) // n_parts)
 
 
+@_jit
+def _decode_kernel(codes: np.ndarray, groups: np.ndarray, table: np.ndarray, q: np.ndarray, start: int,
+                   stop: int) -> None:
+    for c in range(start, stop):
+        levels, code, q_row = table[groups[c]], codes[c], q[c]
+        for k in range(code.shape[0]):
+            q_row[k] = levels[code[k]]
+
+
+@_jit(parallel=True)
+def _decode_parts(codes: np.ndarray, groups: np.ndarray, table: np.ndarray, q: np.ndarray, n_parts: int) -> None:
+    for p in numba.prange(n_parts):
+        _decode_kernel(codes, groups, table, q, codes.shape[0] * p // n_parts, codes.shape[0] * (p + 1) // n_parts)
+
+
 #: Layers of fewer weights per thread than this run in one thread: splitting them would cost
 #: more than it saves.
 MIN_WEIGHTS_PER_THREAD = 1 << 15
@@ -320,3 +335,19 @@ def lookup_backward(codes: Tensor, table: Tensor, rows: Tensor, grad: Tensor | N
          _array(rows), no_grad if grad is None else _array(grad), grad is not None, float(error_coef), float(scale),
          out.numpy())
     return out
+
+
+def decode(codes: Tensor, groups: Tensor, table: Tensor) -> Tensor:
+    """The float32 ``(C, K)`` levels of uint8 ``codes``: row ``c`` reads row ``groups[c]`` of
+    ``table`` (G, L). The codes are the forward's (:func:`lookup_forward`), all below L."""
+    n_rows = codes.shape[0]
+    if (codes.ndim != 2 or codes.dtype != torch.uint8 or not codes.is_contiguous() or table.ndim != 2
+            or not table.is_contiguous() or groups.shape != (n_rows,)
+            or (n_rows and not 0 <= int(groups.min()) <= int(groups.max()) < table.shape[0])):
+        raise ValueError(f"timm_qconv kernels: decode needs contiguous uint8 (C, K) codes, a contiguous (G, L) "
+                         f"table and C group indexes below G; got codes {tuple(codes.shape)} {codes.dtype}, "
+                         f"table {tuple(table.shape)}, groups {tuple(groups.shape)}")
+    q = torch.empty(codes.shape, dtype=torch.float32)
+    _run(_decode_kernel, _decode_parts, n_rows, codes.numel(), _array(codes), _array(groups), _array(table),
+         q.numpy())
+    return q

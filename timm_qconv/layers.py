@@ -11,7 +11,8 @@ forward runs the ordinary ``conv2d``/``linear`` on a transformed weight, as timm
 
 In eval mode both modes use the quantized weight. Forwards that need no gradient (evaluation
 under ``torch.no_grad()``) reuse it until the weight or the quantizer changes (see
-:mod:`timm_qconv._weight_cache`), so they cost what the float layer costs.
+:mod:`timm_qconv._weight_cache`), so they cost what the float layer costs. A training forward's graph keeps the quantized weight
+as its codes, one byte per weight, and decodes it in the backward (:mod:`timm_qconv._saved_codes`).
 
 Two plain attributes let code outside the layer steer its next weight without the layer knowing
 who does it (the layer imports nothing from the model-level batched path):
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 from ._errors import all_finite, check_choice
 from ._kernels import use_backend
 from ._registry import config_owner, make_config
+from ._saved_codes import saved_as_codes
 from ._weight_cache import WeightCache
 from .config import QuantConfig
 from .methods.base import Quantizer
@@ -223,7 +225,9 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
         self._setup_quant(method, n_bits, n_functions, mode, options)
 
     def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, self.forward_weight(), self.bias)
+        weight = self.forward_weight()
+        with saved_as_codes(weight):
+            return self._conv_forward(input, weight, self.bias)
 
 
 class QuantLinear(QuantMixin, nn.Linear):
@@ -238,7 +242,9 @@ class QuantLinear(QuantMixin, nn.Linear):
         self._setup_quant(method, n_bits, n_functions, mode, options)
 
     def forward(self, input: Tensor) -> Tensor:
-        return nn.functional.linear(input, self.forward_weight(), self.bias)
+        weight = self.forward_weight()
+        with saved_as_codes(weight):
+            return nn.functional.linear(input, weight, self.bias)
 
 
 QUANT_LAYERS: dict[type[nn.Module], type[QuantMixin]] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .._groups import SortedGroups, as_rows, group_index, midpoints, row_chunks
 from .._kernels import lookup_codes, scale_grad, straight_through, threshold_codes
+from .._saved_codes import CodedWeight, tag
 from ..config import QuantConfig
 
 
@@ -101,10 +102,13 @@ class Quantizer(nn.Module):
             codes[part] = threshold_codes(thresholds, rows[part], self.group_index[part])
         return codes
 
-    def _lookup(self, rows: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """:func:`~timm_qconv._kernels.lookup_codes` with this quantizer's levels and thresholds."""
+    def _lookup(self, rows: Tensor, levels: Tensor | None = None,
+                **kwargs: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """:func:`~timm_qconv._kernels.lookup_codes` with this quantizer's levels (or ``levels``,
+        their value already computed) and thresholds."""
         thresholds = None if self.nearest else self.thresholds().detach()
-        return lookup_codes(self.levels(), rows, thresholds, groups=self.group_index, **kwargs)
+        levels = self.levels() if levels is None else levels
+        return lookup_codes(levels, rows, thresholds, groups=self.group_index, **kwargs)
 
     # ----------------------------------------------------------------- shared machinery
     def decode(self, codes: Tensor, channels: slice = slice(None)) -> Tensor:
@@ -134,11 +138,17 @@ class Quantizer(nn.Module):
         elif self.thresholded:  # one fused op, no copy of the gradient
             if self.training:
                 self.observe(rows)
-            q, _, error = self._lookup(rows, ste=True, grad_scale=self.grad_scale(rows),
-                                       with_error=self.last_lookup.wanted)
+            levels = self.levels()
+            q, codes, error = self._lookup(rows, levels, ste=True, grad_scale=self.grad_scale(rows),
+                                           with_error=self.last_lookup.wanted)
             out = q.view(weight.shape).to(weight.dtype)
-            if error is not None and out.requires_grad:
-                self.last_lookup.keep(self, weight, error, out)
+            if not out.requires_grad:
+                return out
+            alive: Any = out
+            if codes is not None:  # the layers' graphs keep the codes, not out (see _saved_codes)
+                alive = tag(out, CodedWeight(codes, levels, self.group_index, out))
+            if error is not None:
+                self.last_lookup.keep(self, weight, error, alive)
             return out
         else:
             q = straight_through(scale_grad(self.quantize_rows(rows.detach()), self.grad_scale(rows)), rows)
@@ -225,32 +235,33 @@ class LastLookup:
     The forward computes it (one pass over the weights, and none in the backward, which scatters it
     with the task gradient) only once the hash loss has asked for it (``wanted``), so that training
     without the hash loss does not pay for it. It is used only while that forward's quantized
-    weight is alive (autograd keeps it until the backward) and the weight and the quantizer's
+    weight is alive (``alive``: the weight, or its codes where a layer's graph keeps those in its
+    place; autograd keeps either until the backward) and the weight and the quantizer's
     parameters keep the versions they had then. Copies and pickles of a quantizer start without it.
     """
 
-    __slots__ = ("wanted", "error", "out", "weight", "versions")
+    __slots__ = ("wanted", "error", "alive", "weight", "versions")
 
     def __init__(self) -> None:
         self.wanted = False
         self.clear()
 
     def clear(self) -> None:
-        self.error = self.out = self.weight = self.versions = None
+        self.error = self.alive = self.weight = self.versions = None
 
     @staticmethod
     def _versions(quantizer: nn.Module, weight: Tensor) -> tuple[int, ...]:
         return (weight._version, *(p._version for p in quantizer.parameters()))
 
-    def keep(self, quantizer: nn.Module, weight: Tensor, error: Tensor, out: Tensor) -> None:
-        self.error, self.weight, self.out = error, weight, weakref.ref(out)
+    def keep(self, quantizer: nn.Module, weight: Tensor, error: Tensor, alive: Any) -> None:
+        self.error, self.weight, self.alive = error, weight, weakref.ref(alive)
         self.versions = self._versions(quantizer, weight)
 
     def squared_error(self, quantizer: nn.Module, weight: Tensor) -> Tensor | None:
         self.wanted = True
         if self.error is None or self.weight is not weight or self.versions != self._versions(quantizer, weight):
             return None
-        if self.out() is None or not torch.is_grad_enabled():
+        if self.alive() is None or not torch.is_grad_enabled():
             return None
         return self.error
 
