@@ -10,11 +10,17 @@ A second float baseline ("float, kernels loaded") first runs one quantized layer
 backward, which loads timm_qconv's Numba kernels and Numba's runtime (a fixed cost, about
 140-190 MiB, whatever the model): the ratio to it is the quantized step's own memory.
 
-    python benchmarks/qat_memory.py [--bits 2 4] [--methods hash] [--steps 3]
+The peak resident memory also counts what glibc's allocator keeps after a free for reuse, which
+depends on the order of allocations more than on their sizes. ``--live`` runs every variant a
+second time with freed blocks of 128 KiB or more returned to the system at once
+(``MALLOC_MMAP_THRESHOLD_``), where the peak is the memory in use.
+
+    python benchmarks/qat_memory.py [--bits 2 4] [--methods hash] [--steps 3] [--live]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -64,32 +70,40 @@ def main() -> None:
     parser.add_argument("--bits", nargs="+", type=int, default=[2, 4])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--live", action="store_true",
+                        help="also run each variant with glibc returning every freed block of 128 KiB or more "
+                             "to the system (MALLOC_MMAP_THRESHOLD_), so that the peak is the memory in use")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "BITS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]), args.steps, args.batch)
         return
 
-    def run(method: str, bits: int) -> tuple[int, int]:
+    def run(method: str, bits: int, live: bool = False) -> tuple[int, int]:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024)) if live else None
         out = subprocess.run([sys.executable, __file__, "--child", method, str(bits), "--steps", str(args.steps),
-                              "--batch", str(args.batch)], check=True, capture_output=True, text=True)
+                              "--batch", str(args.batch)], check=True, capture_output=True, text=True, env=env)
         peak, model = out.stdout.split()[-2:]
         return int(peak), int(model)
 
     float_peak, float_model = run("float", 0)
     loaded_peak, _ = run("float-kernels", 0)
-    print("| variant | peak RSS in the steps | ratio to float | ratio to float, kernels loaded "
+    loaded_live = run("float-kernels", 0, live=True)[0] if args.live else 0
+    live = " | live memory, ratio to float with kernels loaded" if args.live else ""
+    print(f"| variant | peak RSS in the steps | ratio to float | ratio to float, kernels loaded{live} "
           "| parameters and buffers |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    print(f"| float | {float_peak / 1024:.0f} MiB | 1.000 | | {float_model / 1024:.0f} MiB |")
-    print(f"| float, kernels loaded | {loaded_peak / 1024:.0f} MiB | {loaded_peak / float_peak:.3f} | 1.000 "
-          f"| {float_model / 1024:.0f} MiB |")
+    print("| --- | ---: | ---: | ---: | " + ("---: | " if args.live else "") + "---: |")
+    print(f"| float | {float_peak / 1024:.0f} MiB | 1.000 | | " + ("| " if args.live else "")
+          + f"{float_model / 1024:.0f} MiB |")
+    print(f"| float, kernels loaded | {loaded_peak / 1024:.0f} MiB | {loaded_peak / float_peak:.3f} | 1.000 | "
+          + ("1.000 | " if args.live else "") + f"{float_model / 1024:.0f} MiB |")
     for method in args.methods:
         for bits in args.bits:
             peak, model = run(method, bits)
-            print(f"| {method} {bits} bits + hash loss | {peak / 1024:.0f} MiB | {peak / float_peak:.3f} "
-                  f"| {peak / loaded_peak:.3f} | {model / 1024:.0f} MiB |")
-
+            cells = [f"{peak / 1024:.0f} MiB", f"{peak / float_peak:.3f}", f"{peak / loaded_peak:.3f}"]
+            if args.live:
+                cells.append(f"{run(method, bits, live=True)[0] / loaded_live:.3f}")
+            print(f"| {method} {bits} bits + hash loss | " + " | ".join(cells) + f" | {model / 1024:.0f} MiB |")
 
 if __name__ == "__main__":
     main()
