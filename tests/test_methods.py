@@ -381,3 +381,17 @@ def test_prefix_sums_equal_cumulative_sums_of_the_sorted_weights(n_positions):
         cum1, cum2 = torch.cat([zero, ordered.cumsum(0)]), torch.cat([zero, ordered.square().cumsum(0)])
         assert torch.allclose(s1[g], cum1[positions[g]], rtol=0, atol=1e-9), f"group {g}: sums differ"
         assert torch.allclose(s2[g], cum2[positions[g]], rtol=0, atol=1e-9), f"group {g}: sums of squares differ"
+
+
+@pytest.mark.parametrize("method", list_methods())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_a_layer_moved_to_another_dtype_trains_and_evaluates(method, dtype):
+    # .to(dtype) also casts the quantizer's float32 state: every method must still take a step
+    layer = QuantLinear(12, 8, method=method, n_bits=2).to(dtype).train()
+    x = torch.randn(3, 12, dtype=dtype)
+    (layer(x).float().sum() + layer.hash_loss()).backward()
+    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all(), f"{method} {dtype}"
+    layer.eval()
+    with torch.no_grad():
+        out = layer(x)
+    assert out.dtype == dtype and torch.isfinite(out).all(), f"{method} {dtype}: eval output"

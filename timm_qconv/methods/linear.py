@@ -50,8 +50,8 @@ class LinearQuantizer(Quantizer):
         """Re-read each group's range from the ``(C, K)`` weights."""
         rows = rows.detach().float()
         lo, hi = rows.amin(1), rows.amax(1)  # two reductions: torch.aminmax(dim=1) is ~10x slower on a CPU
-        self.low.fill_(float("inf")).scatter_reduce_(0, self.group_index, lo, "amin")
-        self.high.fill_(float("-inf")).scatter_reduce_(0, self.group_index, hi, "amax")
+        self.low.fill_(float("inf")).scatter_reduce_(0, self.group_index, lo.to(self.low.dtype), "amin")
+        self.high.fill_(float("-inf")).scatter_reduce_(0, self.group_index, hi.to(self.high.dtype), "amax")
 
     @torch.no_grad()
     def fit_(self, stats: SortedGroups, n_iter: int, rows: Tensor | None = None) -> None:
