@@ -6,9 +6,8 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from timm_qconv import QuantConv2d, QuantLinear, get_method, list_methods
+from timm_qconv import QuantConv2d, QuantLinear, _saved_codes, get_method, layers, list_methods
 from timm_qconv import _kernels as kernels
-from timm_qconv import _saved_codes, layers
 from timm_qconv._kernels import decode_codes, lookup_codes
 
 THRESHOLDED = [m for m in list_methods() if get_method(m).thresholded]
@@ -48,7 +47,7 @@ def gradients(layer, x, kept_as_codes, create_graph=False, with_hash_loss=False)
 
 
 def assert_same(a, b, what):
-    assert len(a) == len(b)
+    assert len(a) == len(b), f"{what}: {len(a)} tensors against {len(b)}"
     for i, (u, v) in enumerate(zip(a, b)):
         assert (u is None) == (v is None), f"{what}: gradient {i} present in one run only"
         if u is not None:
@@ -57,15 +56,20 @@ def assert_same(a, b, what):
 
 @pytest.mark.parametrize("method", THRESHOLDED)
 @pytest.mark.parametrize("kind", list(LAYERS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("create_graph", [False, True])
-def test_backward_from_the_codes_equals_the_kept_weight(method, kind, dtype, create_graph, decodes, cpu_kernels):
+@pytest.mark.parametrize("moved", [False, True], ids=["built", "moved"])
+def test_backward_from_the_codes_equals_the_kept_weight(method, kind, dtype, create_graph, moved, decodes,
+                                                         cpu_kernels):
     make, shape = LAYERS[kind]
     torch.manual_seed(0)
-    layer = make(method=method, n_bits=2, n_functions=2, device="cpu", dtype=dtype).train()
+    if moved:  # .to(dtype) casts the quantizer's float32 levels too
+        layer = make(method=method, n_bits=2, n_functions=2).to(dtype).train()
+    else:
+        layer = make(method=method, n_bits=2, n_functions=2, device="cpu", dtype=dtype).train()
     x = torch.randn(shape, dtype=dtype)
     kept = gradients(layer, x, kept_as_codes=False, create_graph=create_graph)
-    assert not decodes
+    assert not decodes, "decoded without the hooks"
     coded = gradients(layer, x, kept_as_codes=True, create_graph=create_graph)
     assert decodes, f"{method} {kind}: the graph kept the weight itself"
     assert_same(coded, kept, f"{method} {kind} {dtype} create_graph={create_graph}")
@@ -88,7 +92,7 @@ def test_the_forward_weight_is_freed_and_the_hash_loss_still_reuses_its_error(de
     assert weights[-1]() is None, "the quantized weight outlived the forward"
     assert layer.quantizer.squared_error_of_last_forward(layer.weight) is not None, "hash loss would recompute"
     (out.sum() + layer.hash_loss()).backward()
-    assert len(decodes) == 1
+    assert len(decodes) == 1, f"{len(decodes)} decodes for one layer's backward"
     assert layer.quantizer.squared_error_of_last_forward(layer.weight) is None, "error reused after the backward"
 
 
@@ -99,11 +103,11 @@ def test_a_linear_layer_now_reuses_the_forward_error_too():
     layer.hash_loss()
     out = layer(x)
     reused = layer.quantizer.squared_error_of_last_forward(layer.weight)
-    assert reused is not None
+    assert reused is not None, "the forward's squared error died with the transposed view"
     reference = (layer.quantizer(layer.weight).float() - layer.weight.detach()).pow(2).sum()
     torch.testing.assert_close(reused, reference)
     out.sum().backward()
-    assert layer.quantizer.squared_error_of_last_forward(layer.weight) is None
+    assert layer.quantizer.squared_error_of_last_forward(layer.weight) is None, "error reused after the backward"
 
 
 @pytest.mark.parametrize("outer", ["checkpoint", "save_on_cpu"])
@@ -127,14 +131,41 @@ def test_other_saved_tensor_hooks_keep_their_plan(outer, decodes):
     assert not decodes, f"the codes' hooks replaced {outer}'s"
 
 
-def test_no_hooks_without_grad_or_for_untagged_weights():
-    weight = torch.randn(4, 3)
-    assert isinstance(_saved_codes.saved_as_codes(weight), contextlib.nullcontext)
+def test_no_hooks_without_grad_for_untagged_or_meta_weights():
+    untagged = _saved_codes.saved_as_codes(torch.randn(4, 3))
+    assert isinstance(untagged, contextlib.nullcontext), "hooks for a weight no quantizer tagged"
     layer = QuantLinear(3, 4, n_bits=2).train()
     tagged = layer.quantized_weight()
-    assert not isinstance(_saved_codes.saved_as_codes(tagged), contextlib.nullcontext)
+    assert not isinstance(_saved_codes.saved_as_codes(tagged), contextlib.nullcontext), "no hooks for a tagged weight"
     with torch.no_grad():
-        assert isinstance(_saved_codes.saved_as_codes(tagged), contextlib.nullcontext)
+        assert isinstance(_saved_codes.saved_as_codes(tagged), contextlib.nullcontext), "hooks without grad"
+    meta = torch.empty(4, 3, device="meta", requires_grad=True)
+    _saved_codes.tag(meta, _saved_codes.CodedWeight(torch.zeros(4, 3, dtype=torch.uint8), torch.zeros(1, 2),
+                                                    torch.zeros(4, dtype=torch.long), meta))
+    # every meta tensor has address 0: the input would pass for the weight
+    assert isinstance(_saved_codes.saved_as_codes(meta), contextlib.nullcontext), "hooks for a meta weight"
+
+
+def test_only_contiguous_weights_at_offset_zero_are_tagged():
+    codes = torch.zeros(4, 6, dtype=torch.uint8)
+    coded = _saved_codes.CodedWeight(codes, torch.zeros(1, 2), torch.zeros(4, dtype=torch.long), codes.float())
+    assert _saved_codes.tag(torch.zeros(4, 6), coded) is coded, "a contiguous weight was not tagged"
+    assert _saved_codes.tag(torch.zeros(6, 4).t(), coded) is None, "a transposed weight would decode transposed"
+    assert _saved_codes.tag(torch.zeros(30)[6:].view(4, 6), coded) is None, "an offset weight would decode shifted"
+
+
+def test_an_in_place_edit_of_the_levels_before_the_backward_does_not_change_the_gradient():
+    # linear's levels are its parameter itself: the codes must decode the levels of the forward
+    torch.manual_seed(0)
+    layer = QuantLinear(12, 8, method="linear", n_bits=2, n_functions=2).train()
+    x = torch.randn(3, 12)
+    reference = gradients(layer, x, kept_as_codes=False)[1]
+    x = x.clone().requires_grad_()
+    out = layer(x)
+    with torch.no_grad():
+        layer.quantizer.values.mul_(1.5)
+    out.square().sum().backward()
+    assert torch.equal(x.grad, reference), "the backward used levels edited after the forward"
 
 
 @pytest.mark.parametrize("n_levels", [2, 16, 256])

@@ -595,10 +595,11 @@ def lookup_codes(
 
 
 def decode_codes(table: Tensor, groups: Tensor, codes: Tensor) -> Tensor:
-    """The float32 ``(C, K)`` levels of the ``codes`` :func:`lookup_codes` found, row ``c`` reading
-    row ``groups[c]`` of ``table`` (G, L): its ``q``, bit for bit, without a gradient."""
-    table = table.detach().float().contiguous()
-    if codes.device.type == "cpu" and codes.dtype == torch.uint8 and not torch.compiler.is_compiling():
+    """The ``(C, K)`` levels of the ``codes`` :func:`lookup_codes` found, row ``c`` reading row
+    ``groups[c]`` of ``table`` (G, L), in the table's dtype: its ``q``, bit for bit, without a gradient."""
+    table = table.detach().contiguous()
+    if (codes.device.type == "cpu" and codes.dtype == torch.uint8 and table.dtype == torch.float32
+            and not torch.compiler.is_compiling()):
         native = _native_module()
         if native is not None:
             return native.decode(codes.contiguous(), groups, table)

@@ -33,12 +33,16 @@ _TAG = "_timm_qconv_coded"
 
 
 class CodedWeight:
-    """A quantized weight as its codes: ``table[groups[c], codes[c, k]]``, shaped and typed as ``like``."""
+    """A quantized weight as its codes: ``table[groups[c], codes[c, k]]``, shaped and typed as ``like``.
+
+    The ``(G, L)`` table is copied: it may be a parameter (``linear``'s levels), which an in-place
+    edit before the backward would otherwise change under the codes, unseen by autograd's checks.
+    """
 
     __slots__ = ("codes", "table", "groups", "shape", "dtype", "__weakref__")
 
     def __init__(self, codes: Tensor, table: Tensor, groups: Tensor, like: Tensor):
-        self.codes, self.table, self.groups = codes, table.detach(), groups
+        self.codes, self.table, self.groups = codes, table.detach().clone(), groups
         self.shape, self.dtype = like.shape, like.dtype
 
     def value(self) -> Tensor:
@@ -46,8 +50,12 @@ class CodedWeight:
         return decode_codes(self.table, self.groups, self.codes).view(self.shape).to(self.dtype)
 
 
-def tag(weight: Tensor, coded: CodedWeight) -> CodedWeight:
-    """Mark ``weight`` as decodable from ``coded``, for as long as ``weight`` lives."""
+def tag(weight: Tensor, coded: CodedWeight) -> CodedWeight | None:
+    """Mark ``weight`` as decodable from ``coded``, for as long as ``weight`` lives; only a
+    contiguous weight at the start of its storage, the layout :meth:`CodedWeight.value` rebuilds
+    (``None`` for others, which the graph keeps as they are)."""
+    if not weight.is_contiguous() or weight.storage_offset() != 0:
+        return None
     setattr(weight, _TAG, coded)
     return coded
 
@@ -77,11 +85,14 @@ def _hooks_free() -> bool:
 
 def saved_as_codes(weight: Tensor) -> contextlib.AbstractContextManager:
     """A ``with`` block in which autograd keeps a tagged ``weight`` (or any view of it) as its
-    codes; a no-op for other weights, without grad, in traced code, or under other hooks."""
+    codes; a no-op for other weights, without grad, in traced code, under other saved-tensor
+    hooks or where PyTorch has disabled them, and for storage without an address (meta tensors)."""
     coded = getattr(weight, _TAG, None)
     if coded is None or not torch.is_grad_enabled() or torch.compiler.is_compiling() or not _hooks_free():
         return contextlib.nullcontext()
     storage, dtype, device = weight.untyped_storage().data_ptr(), weight.dtype, weight.device
+    if storage == 0:  # every meta tensor has address 0: nothing would tell the weight apart
+        return contextlib.nullcontext()
 
     def pack(tensor: Tensor) -> Any:
         if tensor.dtype == dtype and tensor.device == device and tensor.untyped_storage().data_ptr() == storage:

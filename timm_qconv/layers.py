@@ -11,8 +11,11 @@ forward runs the ordinary ``conv2d``/``linear`` on a transformed weight, as timm
 
 In eval mode both modes use the quantized weight. Forwards that need no gradient (evaluation
 under ``torch.no_grad()``) reuse it until the weight or the quantizer changes (see
-:mod:`timm_qconv._weight_cache`), so they cost what the float layer costs. A training forward's graph keeps the quantized weight
-as its codes, one byte per weight, and decodes it in the backward (:mod:`timm_qconv._saved_codes`).
+:mod:`timm_qconv._weight_cache`), so they cost what the float layer costs. A training forward's
+graph keeps the quantized weight of thresholded methods as its codes, one byte per weight, and
+decodes it in the backward (:mod:`timm_qconv._saved_codes`); under autocast the convolution keeps
+its own half-precision copy instead, and ``"float"`` mode, ``poly`` and the batched compiled path
+keep theirs as before.
 
 Two plain attributes let code outside the layer steer its next weight without the layer knowing
 who does it (the layer imports nothing from the model-level batched path):

@@ -146,7 +146,7 @@ class Quantizer(nn.Module):
                 return out
             alive: Any = out
             if codes is not None:  # the layers' graphs keep the codes, not out (see _saved_codes)
-                alive = tag(out, CodedWeight(codes, levels, self.group_index, out))
+                alive = tag(out, CodedWeight(codes, levels, self.group_index, out)) or out
             if error is not None:
                 self.last_lookup.keep(self, weight, error, alive)
             return out
