@@ -53,8 +53,9 @@ class CodedWeight:
 def tag(weight: Tensor, coded: CodedWeight) -> CodedWeight | None:
     """Mark ``weight`` as decodable from ``coded``, for as long as ``weight`` lives; only a
     contiguous weight at the start of its storage, the layout :meth:`CodedWeight.value` rebuilds
-    (``None`` for others, which the graph keeps as they are)."""
-    if not weight.is_contiguous() or weight.storage_offset() != 0:
+    (``None`` for others, which the graph keeps as they are, and in traced code, where the hooks
+    stand aside)."""
+    if torch.compiler.is_compiling() or not weight.is_contiguous() or weight.storage_offset() != 0:
         return None
     setattr(weight, _TAG, coded)
     return coded
