@@ -187,3 +187,25 @@ def test_decode_refuses_shapes_that_would_read_out_of_bounds():
         native.decode(codes, torch.tensor([0, 1, 2, 3]), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="uint8"):
         native.decode(codes.long(), torch.zeros(4, dtype=torch.long), torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("method", ["hash", "linear"])
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_under_autocast_the_half_precision_copy_is_kept_as_codes_too(method, kind, decodes):
+    make, shape = LAYERS[kind]
+    torch.manual_seed(0)
+    layer = make(method=method, n_bits=2, n_functions=2).train()
+    x = torch.randn(shape)
+    layer.hash_loss()  # from now on the forward computes the squared error
+    results = {}
+    for kept_as_codes, cast in ((False, contextlib.nullcontext), (True, _saved_codes.autocast_weight)):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(layers, "autocast_weight", cast if kept_as_codes else (lambda weight: weight))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                results[kept_as_codes] = gradients(layer, x, kept_as_codes)
+                out = layer(x.clone().requires_grad_())
+                reused = layer.quantizer.squared_error_of_last_forward(layer.weight) is not None
+                assert out.dtype == torch.bfloat16, "autocast no longer ran the layer in bfloat16"
+                assert reused or not kept_as_codes, "the hash loss recomputes under autocast"
+    assert decodes, "the graph kept autocast's copy of the weight"
+    assert_same(results[True], results[False], f"{method} {kind} under autocast")

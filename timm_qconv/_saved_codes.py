@@ -14,6 +14,8 @@ codes and levels), and a quantized layer runs its convolution under
 backward decodes it (:func:`timm_qconv._kernels.decode_codes`: one more pass over the weights,
 against the float weight's memory). Autograd gives the decoded tensor the weight's place in the
 graph, so a backward that builds a graph (``create_graph=True``) differentiates through it as before.
+Under autocast the layers cast the weight themselves before the convolution
+(:func:`autocast_weight`), so that the half-precision copy autocast would make is kept as codes too.
 
 The hooks stand aside where other saved-tensor hooks are in force (non-reentrant checkpointing,
 ``save_on_cpu``: only the innermost hooks apply, and those have their own plan for every saved
@@ -61,18 +63,43 @@ def tag(weight: Tensor, coded: CodedWeight) -> CodedWeight | None:
     return coded
 
 
-class _Saved:
-    """What the graph keeps in place of a view of a tagged weight."""
+#: Devices whose autocast runs convolutions and linear layers in its lower precision.
+_AUTOCAST_DEVICES = ("cpu", "cuda")
 
-    __slots__ = ("coded", "size", "stride", "offset")
+
+def autocast_weight(weight: Tensor) -> Tensor:
+    """A tagged ``weight`` cast, still tagged, to the dtype autocast would cast it to inside a
+    convolution or linear layer; else ``weight`` itself.
+
+    Under autocast the convolution would otherwise cast the weight itself and keep that copy for
+    the backward, out of the hooks' sight. The cast here is the same operation, so the outputs and
+    gradients do not change.
+    """
+    coded, device = getattr(weight, _TAG, None), weight.device.type
+    if (coded is None or device not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device)
+            or torch.compiler.is_compiling()):
+        return weight
+    dtype = torch.get_autocast_dtype(device)
+    if weight.dtype != torch.float32 or dtype == torch.float32:  # autocast casts only float32
+        return weight
+    cast = weight.to(dtype)
+    setattr(cast, _TAG, coded)  # the same CodedWeight: the hash loss watches its life
+    return cast
+
+
+class _Saved:
+    """What the graph keeps in place of a view of a tagged weight (or of its autocast copy)."""
+
+    __slots__ = ("coded", "dtype", "size", "stride", "offset")
 
     def __init__(self, coded: CodedWeight, view: Tensor):
-        self.coded, self.size, self.stride, self.offset = coded, view.shape, view.stride(), view.storage_offset()
+        self.coded, self.dtype = coded, view.dtype
+        self.size, self.stride, self.offset = view.shape, view.stride(), view.storage_offset()
 
 
 def _unpack(saved: Any) -> Any:
     if isinstance(saved, _Saved):
-        return saved.coded.value().as_strided(saved.size, saved.stride, saved.offset)
+        return saved.coded.value().to(saved.dtype).as_strided(saved.size, saved.stride, saved.offset)
     return saved
 
 

@@ -13,9 +13,9 @@ In eval mode both modes use the quantized weight. Forwards that need no gradient
 under ``torch.no_grad()``) reuse it until the weight or the quantizer changes (see
 :mod:`timm_qconv._weight_cache`), so they cost what the float layer costs. A training forward's
 graph keeps the quantized weight of thresholded methods as its codes, one byte per weight, and
-decodes it in the backward (:mod:`timm_qconv._saved_codes`); under autocast the convolution keeps
-its own half-precision copy instead, and ``"float"`` mode, ``poly`` and the batched compiled path
-keep theirs as before.
+decodes it in the backward (:mod:`timm_qconv._saved_codes`; under autocast, the weight is cast
+before the convolution so that its half-precision copy is kept as codes too); ``"float"`` mode,
+``poly`` and the batched compiled path keep their weights as before.
 
 Two plain attributes let code outside the layer steer its next weight without the layer knowing
 who does it (the layer imports nothing from the model-level batched path):
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ._errors import all_finite, check_choice
 from ._kernels import use_backend
 from ._registry import config_owner, make_config
-from ._saved_codes import saved_as_codes
+from ._saved_codes import autocast_weight, saved_as_codes
 from ._weight_cache import WeightCache
 from .config import QuantConfig
 from .methods.base import Quantizer
@@ -228,7 +228,7 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
         self._setup_quant(method, n_bits, n_functions, mode, options)
 
     def forward(self, input: Tensor) -> Tensor:
-        weight = self.forward_weight()
+        weight = autocast_weight(self.forward_weight())
         with saved_as_codes(weight):
             return self._conv_forward(input, weight, self.bias)
 
@@ -245,7 +245,7 @@ class QuantLinear(QuantMixin, nn.Linear):
         self._setup_quant(method, n_bits, n_functions, mode, options)
 
     def forward(self, input: Tensor) -> Tensor:
-        weight = self.forward_weight()
+        weight = autocast_weight(self.forward_weight())
         with saved_as_codes(weight):
             return nn.functional.linear(input, weight, self.bias)
 
