@@ -287,6 +287,11 @@ def _array(x: Tensor) -> np.ndarray:
     return x.detach().numpy()
 
 
+def _indexes_fit(groups: Tensor, n_rows: int, n_targets: int) -> bool:
+    """Whether ``groups`` holds ``n_rows`` indexes, each below ``n_targets``."""
+    return groups.shape == (n_rows,) and (not n_rows or 0 <= int(groups.min()) <= int(groups.max()) < n_targets)
+
+
 def _check(rows: Tensor, thresholds: Tensor | None = None, groups: Tensor | None = None,
            table: Tensor | None = None, grad: Tensor | None = None, codes: Tensor | None = None) -> None:
     """The kernels index without bounds checks: shapes that do not fit would read and write out
@@ -303,8 +308,7 @@ def _check(rows: Tensor, thresholds: Tensor | None = None, groups: Tensor | None
     if thresholds is not None:
         if table is not None and thresholds.shape[1] != table.shape[1] - 1:
             problems.append(f"thresholds must have {table.shape[1] - 1} columns, got {thresholds.shape[1]}")
-        if groups.shape != (n_rows,) or (n_rows and not 0 <= int(groups.min()) <= int(groups.max())
-                                         < thresholds.shape[0]):
+        if not _indexes_fit(groups, n_rows, thresholds.shape[0]):
             problems.append(f"groups must be {n_rows} indexes into the {thresholds.shape[0]} rows of thresholds")
     if problems:
         raise ValueError("timm_qconv kernels: " + "; ".join(problems))
@@ -342,8 +346,7 @@ def decode(codes: Tensor, groups: Tensor, table: Tensor) -> Tensor:
     ``table`` (G, L). The codes are the forward's (:func:`lookup_forward`), all below L."""
     n_rows = codes.shape[0]
     if (codes.ndim != 2 or codes.dtype != torch.uint8 or not codes.is_contiguous() or table.ndim != 2
-            or not table.is_contiguous() or groups.shape != (n_rows,)
-            or (n_rows and not 0 <= int(groups.min()) <= int(groups.max()) < table.shape[0])):
+            or not table.is_contiguous() or not _indexes_fit(groups, n_rows, table.shape[0])):
         raise ValueError(f"timm_qconv kernels: decode needs contiguous uint8 (C, K) codes, a contiguous (G, L) "
                          f"table and C group indexes below G; got codes {tuple(codes.shape)} {codes.dtype}, "
                          f"table {tuple(table.shape)}, groups {tuple(groups.shape)}")

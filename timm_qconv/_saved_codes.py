@@ -83,7 +83,7 @@ def autocast_weight(weight: Tensor) -> Tensor:
     if weight.dtype != torch.float32 or dtype == torch.float32:  # autocast casts only float32
         return weight
     cast = weight.to(dtype)
-    setattr(cast, _TAG, coded)  # the same CodedWeight: the hash loss watches its life
+    tag(cast, coded)  # the same CodedWeight: the hash loss watches its life
     return cast
 
 
