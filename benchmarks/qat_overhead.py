@@ -8,6 +8,10 @@ process (the machine's speed drifts; the ratio of each float/quantized pair canc
 * "+ hash loss": the same step with the hash loss added to the task loss;
 * "eval": a forward in ``eval()`` under ``torch.no_grad()`` (quantized weights cached).
 
+Backends: ``eager`` (the default kernels), ``compiled`` (the batched path of ``kernels="compiled"``),
+and ``torch.compile``: the converted model wrapped in ``torch.compile`` by the user, against the float
+model wrapped the same way (the hash loss called outside the compiled model, as a training loop would).
+
 and prints one table of medians of the paired ratios. ``--floors`` adds two reference rows that
 replace the quantizer by a plain copy of each weight into a kept buffer: what any per-step weight
 transform costs at the least; "+ read back" adds one read of each weight and its gradient in the
@@ -125,7 +129,7 @@ def main() -> None:
     parser.add_argument("--bits", nargs="+", type=int, default=[2, 4])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--backends", nargs="+", default=["eager"], choices=["eager", "compiled"])
+    parser.add_argument("--backends", nargs="+", default=["eager"], choices=["eager", "compiled", "torch.compile"])
     parser.add_argument("--floors", action="store_true", help="add the weight-copy floor rows")
     args = parser.parse_args()
 
@@ -145,11 +149,20 @@ def main() -> None:
     for method in args.methods:
         for bits in args.bits:
             for backend in args.backends:
+                user_compiled = backend == "torch.compile"
                 quant = quantize_model(copy.deepcopy(base), method=method, n_bits=bits, n_functions=32, mode="ste",
-                                       kernels=backend)
-                plain, _, ref = paired_ratio(float_step, make_step(quant, False), x, y, args.steps)
-                with_loss, _, _ = paired_ratio(float_step, make_step(quant, True), x, y, args.steps)
-                evaluation, _, ref_eval = paired_ratio(float_eval, make_eval(quant), x, y, args.steps)
+                                       kernels="eager" if user_compiled else backend)
+                reference_step, reference_eval = float_step, float_eval
+                if user_compiled:
+                    # Fresh caches: every model compiled adds guards to the same code (timm's forwards),
+                    # and past torch._dynamo's recompile limit the rows would silently run eager.
+                    torch._dynamo.reset()
+                    compiled_float = torch.compile(copy.deepcopy(base))
+                    quant = torch.compile(quant)
+                    reference_step, reference_eval = make_step(compiled_float), make_eval(compiled_float)
+                plain, _, ref = paired_ratio(reference_step, make_step(quant, False), x, y, args.steps)
+                with_loss, _, _ = paired_ratio(reference_step, make_step(quant, True), x, y, args.steps)
+                evaluation, _, ref_eval = paired_ratio(reference_eval, make_eval(quant), x, y, args.steps)
                 print(f"| {method} {bits} bits, {backend} | {plain:.3f} | {with_loss:.3f} | {evaluation:.3f} | "
                       f"{ref * 1e3:.0f} ms | {ref_eval * 1e3:.0f} ms |", flush=True)
 

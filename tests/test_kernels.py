@@ -350,6 +350,27 @@ def test_hash_loss_is_recomputed_once_the_weight_changed_after_the_forward():
     assert torch.allclose(layer.hash_loss(), reference_hash_loss(layer)), "hash loss after the edit differs"
 
 
+@pytest.mark.parametrize("method", [m for m in list_methods() if get_method(m).thresholded])
+@pytest.mark.parametrize("n_bits", [2, 8])
+def test_hash_loss_without_a_forward_is_one_fused_lookup_equal_to_the_reference(method, n_bits, cpu_kernels,
+                                                                               monkeypatch):
+    # "float" mode trains on the float weights, so the hash loss finds no forward to reuse
+    layer = QuantConv2d(4, 8, 3, method=method, n_bits=n_bits, n_functions=2, mode="float").train()
+    layer(torch.randn(2, 4, 6, 6))
+    fused = []
+    original = kernels._Lookup.apply
+    monkeypatch.setattr(kernels._Lookup, "apply", lambda *args: fused.append(args[-1]) or original(*args))
+    params = list(layer.quantizer.parameters())
+    loss = layer.hash_loss()
+    grads = torch.autograd.grad(loss, params)
+    assert fused == [True], f"{method}: the hash loss took {len(fused)} lookups, with_error={fused}"
+    monkeypatch.setattr(kernels._Lookup, "apply", original)
+    reference = reference_hash_loss(layer)
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=0, msg=lambda m: f"{method}: loss {m}")
+    for param, grad, expected in zip(params, grads, torch.autograd.grad(reference, params)):
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-7, msg=lambda m: f"{method}: gradient {m}")
+
+
 @pytest.mark.parametrize("levels", ["spread", "repeated", "halving"])
 @pytest.mark.parametrize("n_levels", [2, 3, 4, 7, 8, 16, 17, 32, 33, 64, 100, 255, 256, 300])
 def test_codes_equal_a_binary_search_including_ties_and_repeated_levels(n_levels, levels, cpu_kernels, monkeypatch):

@@ -35,7 +35,9 @@ of :func:`set_backend`, else the environment variable ``TIMM_QCONV_KERNELS`` (re
 needed, so that a bad value fails there with a clear message, not at ``import timm_qconv``),
 else ``"eager"``. The batched path that "auto" and "compiled" use has limits the eager one has
 not (see :mod:`timm_qconv._batched`), which is why it is not the default.
-Inside a ``torch.compile``d model the eager formulation is traced and fused with the model.
+Inside a model the user compiles (``torch.compile``), float32 CPU weights call the Numba
+kernels as custom operators (:mod:`timm_qconv._traced_ops`); elsewhere the PyTorch formulation
+is traced and fused with the model.
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
+from . import _traced_ops
 from ._errors import check_choice
 from ._groups import midpoints
 
@@ -191,6 +194,14 @@ def _native_for(rows: Tensor, table: Tensor) -> Any:
             or table.dtype != torch.float32 or torch.compiler.is_compiling()):
         return None
     return _native_module()
+
+
+def _traced_op_serves(rows: Tensor, table: Tensor) -> bool:
+    """Whether traced code calls the kernels as a custom operator (:mod:`timm_qconv._traced_ops`)
+    for these tensors: float32 on a CPU, up to 256 levels, and not for ``torch.export``, whose
+    graphs must run (and convert, to ONNX say) without timm_qconv."""
+    return (rows.device.type == "cpu" and rows.dtype == torch.float32 and table.dtype == torch.float32
+            and table.shape[1] <= 256 and not torch.compiler.is_exporting())
 
 
 def _native_lookup(native: Any, table: Tensor, thresholds: Tensor | None, groups: Tensor | None, rows: Tensor,
@@ -582,6 +593,11 @@ def lookup_codes(
             thresholds = midpoints(table.detach().float())  # nearest level: found by its thresholds
         table = table[groups]
     table = table.contiguous()
+    if torch.compiler.is_compiling() and _traced_op_serves(rows, table):
+        thresholds = midpoints(table.detach()) if thresholds is None else thresholds.detach().float()
+        groups = torch.arange(rows.shape[0], device=rows.device) if groups is None else groups
+        q, codes, error = _traced_ops.lookup(thresholds, groups, table, rows, ste, grad_scale, with_error)
+        return q, codes, (error if with_error else None)
     needs_grad = torch.is_grad_enabled() and (table.requires_grad or (ste and rows.requires_grad))
     if not needs_grad and (thresholds is not None or not _use_compiled(table)):
         native = _native_for(rows, table)

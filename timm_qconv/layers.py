@@ -133,12 +133,9 @@ class QuantMixin:
         Differentiable in the quantizer's parameters; with ``wrt_weights=True`` also in the weight,
         pulling each weight towards its level.
         """
-        if not wrt_weights:  # from the codes this step's forward found, if it is still alive
-            reused = self.quantizer.squared_error_of_last_forward(self.weight)
-            if reused is not None:
-                return reused / self.weight.numel()
-        weight = self.weight if wrt_weights else self.weight.detach()
-        return (self.quantizer(self.weight).float() - weight.float()).pow(2).mean()
+        if not wrt_weights:  # this step's forward's error if it is still alive, else one fused pass
+            return self.quantizer.squared_error(self.weight) / self.weight.numel()
+        return (self.quantizer(self.weight).float() - self.weight.float()).pow(2).mean()
 
     @torch.no_grad()
     def eval_quantized_weight(self) -> Tensor:

@@ -161,6 +161,24 @@ class Quantizer(nn.Module):
         since), and the first time it is asked for: from then on the forward computes it."""
         return self.last_lookup.squared_error(self, weight)
 
+    def squared_error(self, weight: Tensor) -> Tensor:
+        """``sum((q - weight)**2)`` at the current levels, differentiable in the levels only (the
+        hash loss with the weights detached): this step's forward's (see
+        :meth:`squared_error_of_last_forward`), else from one fused lookup that computes the error
+        without keeping its quantized weight, whose backward is the lookup's own."""
+        reused = self.squared_error_of_last_forward(weight)
+        if reused is not None:
+            return reused
+        rows = as_rows(weight.detach()).float()
+        if not self.thresholded:
+            return (self.quantize_rows(rows) - rows).pow(2).sum()
+        if self.training:
+            self.observe(rows)
+        error = self._lookup(rows, with_error=True)[2]
+        if error is None:  # where no gradient is wanted, or the compiled kernel ran
+            error = (self._lookup(rows)[0] - rows).pow(2).sum()
+        return error
+
     def grad_scale(self, rows: Tensor) -> float:
         """Factor on the task loss's gradient to the quantizer: ``1 / sqrt(weights per group)``.
 
@@ -258,6 +276,8 @@ class LastLookup:
         self.versions = self._versions(quantizer, weight)
 
     def squared_error(self, quantizer: nn.Module, weight: Tensor) -> Tensor | None:
+        if torch.compiler.is_compiling():  # traced code keeps nothing for later: the loss recomputes
+            return None
         self.wanted = True
         if self.error is None or self.weight is not weight or self.versions != self._versions(quantizer, weight):
             return None
