@@ -26,8 +26,9 @@ def lookup(thresholds: Tensor, groups: Tensor, table: Tensor, rows: Tensor, ste:
     """``(q, codes, error)`` for the ``(C, K)`` float32 ``rows``: the code of each weight is the
     number of thresholds below it in row ``groups[c]`` of ``thresholds`` (G, T), ``q`` its level in
     row ``c`` of ``table`` (C, T + 1), ``error`` the 0-d ``sum((q - rows)**2)`` (zero, with no
-    gradient, unless ``with_error``). ``ste`` and ``grad_scale`` are read by the backward only (see ``_Lookup``)."""
-    from . import _kernels
+    gradient, unless ``with_error``). ``ste`` and ``grad_scale`` are read by the backward only
+    (see ``_Lookup``)."""
+    from . import _kernels  # here, not above: _kernels imports this module
 
     native = _kernels._native_module()
     if native is not None:
