@@ -199,7 +199,7 @@ def _native_for(rows: Tensor, table: Tensor) -> Any:
 def _traced_op_serves(rows: Tensor, table: Tensor) -> bool:
     """Whether traced code calls the kernels as a custom operator (:mod:`timm_qconv._traced_ops`)
     for these tensors: float32 on a CPU, up to 256 levels, and not for ``torch.export``, whose
-    graphs must run (and convert, to ONNX say) without timm_qconv."""
+    graphs should hold aten operations only, to run without timm_qconv."""
     return (rows.device.type == "cpu" and rows.dtype == torch.float32 and table.dtype == torch.float32
             and table.shape[1] <= 256 and not torch.compiler.is_exporting())
 
