@@ -10,7 +10,9 @@ process (the machine's speed drifts; the ratio of each float/quantized pair canc
 
 Backends: ``eager`` (the default kernels), ``compiled`` (the batched path of ``kernels="compiled"``),
 and ``torch.compile``: the converted model wrapped in ``torch.compile`` by the user, against the float
-model wrapped the same way (the hash loss called outside the compiled model, as a training loop would).
+model wrapped the same way (the hash loss called outside the compiled model, as a training loop would);
+its rows add the compiled quantized model against the same model uncompiled (step with the hash
+loss / eval), which is what a user choosing whether to compile compares.
 
 and prints one table of medians of the paired ratios. ``--floors`` adds two reference rows that
 replace the quantizer by a plain copy of each weight into a kept buffer: what any per-step weight
@@ -140,12 +142,12 @@ def main() -> None:
     float_step, float_eval = make_step(base), make_eval(base)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, resnet34, batch {args.batch}x3x32x32, "
           f"{args.steps} alternating pairs (float, quantized) per cell; medians of paired ratios\n")
-    print("| variant | step | + hash loss | eval (no_grad) | float step | float eval |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| variant | step | + hash loss | eval (no_grad) | float step | float eval | vs uncompiled |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     if args.floors:
         for name, read_back in (("floor: weight copy", False), ("floor + read back", True)):
             ratio, _, ref = paired_ratio(float_step, make_step(copy_model(base, read_back)), x, y, args.steps)
-            print(f"| {name} | {ratio:.3f} | | | {ref * 1e3:.0f} ms | |", flush=True)
+            print(f"| {name} | {ratio:.3f} | | | {ref * 1e3:.0f} ms | | |", flush=True)
     for method in args.methods:
         for bits in args.bits:
             for backend in args.backends:
@@ -153,18 +155,22 @@ def main() -> None:
                 quant = quantize_model(copy.deepcopy(base), method=method, n_bits=bits, n_functions=32, mode="ste",
                                        kernels="eager" if user_compiled else backend)
                 reference_step, reference_eval = float_step, float_eval
+                versus = ""
                 if user_compiled:
                     # Fresh caches: every model compiled adds guards to the same code (timm's forwards),
                     # and past torch._dynamo's recompile limit the rows would silently run eager.
                     torch._dynamo.reset()
                     compiled_float = torch.compile(copy.deepcopy(base))
-                    quant = torch.compile(quant)
+                    uncompiled, quant = quant, torch.compile(copy.deepcopy(quant))
                     reference_step, reference_eval = make_step(compiled_float), make_eval(compiled_float)
+                    step_vs, _, _ = paired_ratio(make_step(uncompiled, True), make_step(quant, True), x, y, args.steps)
+                    eval_vs, _, _ = paired_ratio(make_eval(uncompiled), make_eval(quant), x, y, args.steps)
+                    versus = f"{step_vs:.3f} / {eval_vs:.3f}"
                 plain, _, ref = paired_ratio(reference_step, make_step(quant, False), x, y, args.steps)
                 with_loss, _, _ = paired_ratio(reference_step, make_step(quant, True), x, y, args.steps)
                 evaluation, _, ref_eval = paired_ratio(reference_eval, make_eval(quant), x, y, args.steps)
                 print(f"| {method} {bits} bits, {backend} | {plain:.3f} | {with_loss:.3f} | {evaluation:.3f} | "
-                      f"{ref * 1e3:.0f} ms | {ref_eval * 1e3:.0f} ms |", flush=True)
+                      f"{ref * 1e3:.0f} ms | {ref_eval * 1e3:.0f} ms | {versus} |", flush=True)
 
 
 if __name__ == "__main__":

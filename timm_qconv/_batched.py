@@ -56,6 +56,18 @@ def _level_stats(rows: Tensor, table: Tensor) -> Tensor:
                       (_fused_forward(rows, table) - rows).square().sum(1, keepdim=True)], 1)
 
 
+#: Compiled versions ``torch._dynamo`` keeps of each kernel (default 8): one per level count and
+#: range of shapes, for every model of the process. A sweep over bit widths in one process went
+#: past 8 in the hash loss's kernel, which then ran uncompiled for the rest of the process
+#: (1.6-2.2x the float step instead of 1.06-1.10), silently.
+RECOMPILE_LIMIT = 64
+
+
+def _without_recompile_limit() -> Any:
+    """A ``with`` block in which this module's compiled kernels may keep :data:`RECOMPILE_LIMIT` versions."""
+    return torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_all() -> tuple[Callable[..., None], Callable[..., Tensor], Callable[..., Tensor]]:
     # The training path is specialised to the model's shapes on the first call (constant loop
@@ -78,7 +90,8 @@ class _LookupAll(torch.autograd.Function):
         ctx.save_for_backward(levels, *weights)
         graph = levels.requires_grad or any(w.requires_grad for w in weights)
         outs, ctx.owns_buffers = batch.take_buffers(ctx, weights, graph)
-        _compiled_all()[0](list(weights), levels, batch.row_group, outs)
+        with _without_recompile_limit():
+            _compiled_all()[0](list(weights), levels, batch.row_group, outs)
         for out in outs:  # written behind autograd's back: a graph still holding them must notice
             torch.autograd.graph.increment_version(out)
         return tuple(out.detach() for out in outs)
@@ -92,7 +105,8 @@ class _LookupAll(torch.autograd.Function):
         grad_levels = None
         if ctx.needs_input_grad[1] and any(g is not None for g in grads):  # else nothing to reduce
             dense = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, weights)]
-            grad_levels = _compiled_all()[1](weights, levels, batch.row_group, batch.scale, dense)
+            with _without_recompile_limit():
+                grad_levels = _compiled_all()[1](weights, levels, batch.row_group, batch.scale, dense)
         # The weights' gradients are the incoming ones, not copies, so .grad takes them as they are.
         return (None, grad_levels, *grads)
 
@@ -214,7 +228,7 @@ class BatchedPath:
             if not self.compiled(batch):
                 continue
             levels = batch.levels()
-            with torch.no_grad():
+            with torch.no_grad(), _without_recompile_limit():
                 weights = [layer.weight.detach() for layer in batch.layers]
                 stats_of = _compiled_all()[2]
                 rows = _as_rows(weights, levels.detach(), batch.row_group)
