@@ -286,19 +286,19 @@ def test_compiled_model_pickles_after_a_forward_without_backward(compiled_backen
     assert not missing, f"no gradient reached {missing} after loading"
 
 
-def test_compiled_backend_keeps_compiling_for_many_models_in_one_process(compiled_backend, monkeypatch):
+def test_compiled_backend_keeps_compiling_for_many_models_in_one_process(compiled_backend):
     # A sweep over bit widths trains several models in one process; past torch._dynamo's recompile
     # limit the kernels would run uncompiled from then on, silently. A limit of 1 makes the second
     # width the one past it.
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     counters = torch._dynamo.utils.counters
     counters.clear()
     x = torch.randn(2, 3, 6, 6)
-    for n_bits in (1, 2):
-        model = model_with_lazy_head()
-        model(x)  # materialise the lazy layer
-        model = quantize_model(model, n_bits=n_bits, n_functions=4, layers=("conv", "linear"))
-        (model(x).square().sum() + hash_loss(model)).backward()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for n_bits in (1, 2):
+            model = model_with_lazy_head()
+            model(x)  # materialise the lazy layer
+            model = quantize_model(model, n_bits=n_bits, n_functions=4, layers=("conv", "linear"))
+            (model(x).square().sum() + hash_loss(model)).backward()
     limited = [reason.splitlines()[0] for reason in counters["unimplemented"] if "recompile limit" in reason.lower()]
     assert not limited, f"the compiled kernels ran uncompiled past the recompile limit: {limited}"
 
