@@ -303,6 +303,37 @@ def test_compiled_backend_keeps_compiling_for_many_models_in_one_process(compile
     assert not limited, f"the compiled kernels ran uncompiled past the recompile limit: {limited}"
 
 
+class CheckpointedBlocks(nn.Module):
+    """Two convolutions, each under non-reentrant checkpointing or ``save_on_cpu``."""
+
+    def __init__(self, outer: str) -> None:
+        super().__init__()
+        self.outer = outer
+        self.first, self.second = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.outer == "checkpoint":
+            x = torch.utils.checkpoint.checkpoint(self.first, x, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(self.second, x.relu(), use_reentrant=False)
+        with torch.autograd.graph.save_on_cpu():
+            return self.second(self.first(x).relu())
+
+
+@pytest.mark.parametrize("outer", ["checkpoint", "save_on_cpu"])
+def test_compiled_backend_under_other_saved_tensor_hooks_matches_eager(compiled_backend, outer):
+    x = torch.randn(2, 3, 6, 6)
+    results = {}
+    for backend in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = quantize_model(CheckpointedBlocks(outer), n_bits=2, n_functions=2, kernels=backend)
+        results[backend] = run(model, x)
+    (out, grads), (eager_out, eager_grads) = results["compiled"], results["eager"]
+    torch.testing.assert_close(out, eager_out)
+    assert grads.keys() == eager_grads.keys(), f"{outer}: gradients reached {sorted(grads)}"
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[name], grad, msg=lambda m: f"{outer}, {name}: {m}")
+
+
 def test_compiled_backend_trains_under_autocast_and_in_bfloat16(compiled_backend):
     x = torch.randn(2, 3, 6, 6)
     model = quantized_model_with_lazy_head()

@@ -103,8 +103,10 @@ def _unpack(saved: Any) -> Any:
     return saved
 
 
-def _hooks_free() -> bool:
-    """Whether saved-tensor hooks of ours would be the only ones in force, and allowed."""
+def hooks_free() -> bool:
+    """Whether saved-tensor hooks of ours would be the only ones in force, and allowed: not so
+    inside non-reentrant checkpointing (which also runs the forward again in the backward) or
+    ``save_on_cpu``."""
     autograd = torch._C._autograd
     top = getattr(autograd, "_top_saved_tensors_default_hooks", None)
     enabled = getattr(autograd, "_saved_tensors_hooks_is_enabled", None)
@@ -116,7 +118,7 @@ def saved_as_codes(weight: Tensor) -> contextlib.AbstractContextManager:
     codes; a no-op for other weights, without grad, in traced code, under other saved-tensor
     hooks or where PyTorch has disabled them, and for storage without an address (meta tensors)."""
     coded = getattr(weight, _TAG, None)
-    if coded is None or not torch.is_grad_enabled() or torch.compiler.is_compiling() or not _hooks_free():
+    if coded is None or not torch.is_grad_enabled() or torch.compiler.is_compiling() or not hooks_free():
         return contextlib.nullcontext()
     storage, dtype, device = weight.untyped_storage().data_ptr(), weight.dtype, weight.device
     if storage == 0:  # every meta tensor has address 0: nothing would tell the weight apart

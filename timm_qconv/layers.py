@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ._errors import all_finite, check_choice
 from ._kernels import use_backend
 from ._registry import config_owner, make_config
-from ._saved_codes import autocast_weight, saved_as_codes
+from ._saved_codes import autocast_weight, hooks_free, saved_as_codes
 from ._weight_cache import WeightCache
 from .config import QuantConfig
 from .methods.base import Quantizer
@@ -99,12 +99,15 @@ class QuantMixin:
     def quantized_weight(self) -> Tensor:
         """The weight as used in eval: quantized, with the straight-through gradient.
 
-        A current :attr:`weight_override` stands in for it in a training forward, once.
+        A current :attr:`weight_override` stands in for it in a training forward, once, where no
+        other saved-tensor hooks are in force.
         """
         override = self.weight_override
         if override is not None:
             self.weight_override = None
-            if self.training and override.is_current(self.weight):
+            # Under other saved-tensor hooks (non-reentrant checkpointing) the backward may run this
+            # forward again, when no override is left: the weight is then computed here both times.
+            if self.training and override.is_current(self.weight) and hooks_free():
                 return override.quantized
         return self.weight_cache.get(self.weight, self.quantizer, self._compute_weight)
 
