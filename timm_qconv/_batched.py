@@ -63,7 +63,7 @@ def _level_stats(rows: Tensor, table: Tensor) -> Tensor:
 RECOMPILE_LIMIT = 64
 
 
-def _without_recompile_limit() -> Any:
+def _raised_recompile_limit() -> Any:
     """A ``with`` block in which this module's compiled kernels may keep :data:`RECOMPILE_LIMIT` versions."""
     return torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
 
@@ -90,7 +90,7 @@ class _LookupAll(torch.autograd.Function):
         ctx.save_for_backward(levels, *weights)
         graph = levels.requires_grad or any(w.requires_grad for w in weights)
         outs, ctx.owns_buffers = batch.take_buffers(ctx, weights, graph)
-        with _without_recompile_limit():
+        with _raised_recompile_limit():
             _compiled_all()[0](list(weights), levels, batch.row_group, outs)
         for out in outs:  # written behind autograd's back: a graph still holding them must notice
             torch.autograd.graph.increment_version(out)
@@ -105,7 +105,7 @@ class _LookupAll(torch.autograd.Function):
         grad_levels = None
         if ctx.needs_input_grad[1] and any(g is not None for g in grads):  # else nothing to reduce
             dense = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, weights)]
-            with _without_recompile_limit():
+            with _raised_recompile_limit():
                 grad_levels = _compiled_all()[1](weights, levels, batch.row_group, batch.scale, dense)
         # The weights' gradients are the incoming ones, not copies, so .grad takes them as they are.
         return (None, grad_levels, *grads)
@@ -228,7 +228,7 @@ class BatchedPath:
             if not self.compiled(batch):
                 continue
             levels = batch.levels()
-            with torch.no_grad(), _without_recompile_limit():
+            with torch.no_grad(), _raised_recompile_limit():
                 weights = [layer.weight.detach() for layer in batch.layers]
                 stats_of = _compiled_all()[2]
                 rows = _as_rows(weights, levels.detach(), batch.row_group)

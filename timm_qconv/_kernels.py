@@ -290,11 +290,8 @@ class _Lookup(torch.autograd.Function):
                 ctx.mark_non_differentiable(error)
             ctx.mark_non_differentiable(codes)
             return q, codes, error
-        codes = _codes(table, thresholds, rows, groups)  # one byte per weight kept until the backward, not eight
-        q = table.gather(1, _scratch.index(codes))
+        q, codes, error = _torch_lookup(table, thresholds, groups, rows, with_error)
         if with_error:
-            diff = torch.sub(q, rows, out=_scratch.like(rows, "work")).view(-1)  # float32, as rows
-            error = torch.dot(diff, diff).float()
             ctx.save_for_backward(table, codes, rows)  # not q: a layer's graph may keep the codes in its place
         else:
             error = rows.new_empty(0)
@@ -318,23 +315,44 @@ class _Lookup(torch.autograd.Function):
                                                               None if grad is None else grad.contiguous(),
                                                               error_coef, ctx.grad_scale)
             else:
-                # Scaled after the scatter (a (C, L) table), not before it (the (C, K) weights).
-                combined = grad
-                if grad_error is not None and error_inputs:
-                    (rows,) = error_inputs
-                    q = table.gather(1, _scratch.index(saved))
-                    error_grad = (grad_error * (2.0 / ctx.grad_scale)).to(q.dtype)
-                    diff = torch.sub(q, rows, out=_scratch.like(q, "work"))
-                    if grad is None:
-                        combined = diff.mul_(error_grad)
-                    else:
-                        combined = torch.addcmul(grad, diff, error_grad, out=diff)
-                grad_table = torch.zeros_like(table)
-                if combined is not None:
-                    grad_table.scatter_add_(1, _scratch.index(saved), combined.contiguous()).mul_(ctx.grad_scale)
+                with_error = grad_error is not None and bool(error_inputs)
+                error_coef = (grad_error * (2.0 / ctx.grad_scale)).to(table.dtype) if with_error else None
+                grad_table = _torch_level_grad(saved, table, error_inputs[0] if with_error else None, grad,
+                                               error_coef, ctx.grad_scale)
         # Straight through: the incoming gradient itself, not a copy, so that autograd can move it
         # into the weight's .grad without cloning.
         return grad_table, None, None, (grad if ctx.ste else None), None, None, None
+
+
+def _torch_lookup(table: Tensor, thresholds: Tensor | None, groups: Tensor | None, rows: Tensor,
+                  with_error: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The lookup in PyTorch operations: ``(q, codes, error)``, the codes uint8 up to 256 levels
+    (one byte per weight for a backward to keep, not eight), ``error`` the float32
+    ``sum((q - rows)**2)`` if ``with_error``, else ``None``."""
+    codes = _codes(table, thresholds, rows, groups)
+    q = table.gather(1, _scratch.index(codes))
+    if not with_error:
+        return q, codes, None
+    diff = torch.sub(q, rows, out=_scratch.like(rows, "work")).view(-1)  # float32, as rows
+    return q, codes, torch.dot(diff, diff).float()
+
+
+def _torch_level_grad(codes: Tensor, table: Tensor, rows: Tensor | None, grad: Tensor | None,
+                      error_coef: Tensor | None, scale: float) -> Tensor:
+    """The levels' gradient in PyTorch operations, as the Numba ``lookup_backward``: per level, the
+    sum over the weights of that code of ``grad + error_coef * (level - weight)``, times ``scale``.
+    ``grad`` ``None``: no task term; ``error_coef`` (a 0-d tensor, kept on the device) ``None``: no
+    error term, and ``rows`` is not read."""
+    index = _scratch.index(codes)
+    combined = grad
+    if error_coef is not None:
+        q = table.gather(1, index)
+        diff = torch.sub(q, rows, out=_scratch.like(q, "work"))  # in the table's dtype
+        combined = diff.mul_(error_coef) if grad is None else torch.addcmul(grad, diff, error_coef, out=diff)
+    grad_table = torch.zeros_like(table)
+    if combined is not None:  # scaled after the scatter (a (C, L) table), not before it (the (C, K) weights)
+        grad_table.scatter_add_(1, index, combined.contiguous()).mul_(scale)
+    return grad_table
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -35,9 +35,7 @@ def lookup(thresholds: Tensor, groups: Tensor, table: Tensor, rows: Tensor, ste:
         q, codes, error = native.lookup_forward(thresholds.contiguous(), groups, table.contiguous(),
                                                 rows.contiguous(), with_error)
     else:
-        codes = _kernels.threshold_codes(thresholds, rows, groups)
-        q = table.gather(1, codes.long())
-        error = (q - rows).pow(2).sum() if with_error else None
+        q, codes, error = _kernels._torch_lookup(table, thresholds, groups, rows, with_error)
     return q, codes, (error if error is not None else rows.new_zeros(()))
 
 
@@ -55,13 +53,10 @@ def lookup_backward(codes: Tensor, table: Tensor, rows: Tensor, grad: Tensor, er
     from . import _kernels
 
     native = _kernels._native_module()
-    error_coef = float(error_grad) * 2.0 / grad_scale
     if native is not None:
         return native.lookup_backward(codes.contiguous(), table.contiguous(), rows.contiguous(), grad.contiguous(),
-                                      error_coef, grad_scale)
-    index = codes.long()
-    combined = grad + (table.gather(1, index) - rows) * error_coef
-    return torch.zeros_like(table).scatter_add_(1, index, combined).mul_(grad_scale)
+                                      float(error_grad) * 2.0 / grad_scale, grad_scale)
+    return _kernels._torch_level_grad(codes, table, rows, grad, error_grad * (2.0 / grad_scale), grad_scale)
 
 
 @lookup_backward.register_fake
