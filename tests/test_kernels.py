@@ -526,9 +526,12 @@ def test_binned_search_declines_tables_whose_flat_offsets_float32_cannot_hold():
 
 
 def numba_codes(thresholds: torch.Tensor, rows: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """The codes of the Numba forward (with a level table of the codes themselves)."""
-    table = torch.arange(thresholds.shape[1] + 1, dtype=torch.float32).expand(rows.shape[0], -1).contiguous()
-    return kernels._native_module().lookup_forward(thresholds, groups, table, rows, False)[1]
+    """The codes of the Numba forward, which with a level table of the codes themselves must also
+    be its quantized weights."""
+    table = torch.arange(thresholds.shape[1] + 1, dtype=torch.float32).expand(thresholds.shape[0], -1).contiguous()
+    q, codes, _ = kernels._native_module().lookup_forward(thresholds, groups, table, rows, False)
+    assert torch.equal(q, codes.float()), "the Numba forward's levels are not those of its codes"
+    return codes
 
 
 def spy_on_numba(monkeypatch) -> list:
@@ -540,7 +543,7 @@ def spy_on_numba(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("n_bits", [1, 2, 4, 7])  # 7: 128 levels, a binary search instead of counting
+@pytest.mark.parametrize("n_bits", [1, 2, 3, 4, 7])  # up to 3: selects; 4: counting; 7: 128 levels, by bins
 @pytest.mark.parametrize("method", [m for m in list_methods() if get_method(m).thresholded])
 def test_numba_kernels_equal_the_pytorch_formulation_in_values_and_gradients(method, n_bits, monkeypatch):
     torch.manual_seed(n_bits)
@@ -585,6 +588,22 @@ def test_numba_kernels_give_the_squared_error_alone_its_gradient():
     assert torch.equal(q, reference), "quantized values differ from a binary search"
     expected = torch.zeros(6, 4).scatter_add_(1, codes, 2 * (reference - rows))
     torch.testing.assert_close(grad, expected, msg=lambda m: f"gradient of the squared error alone: {m}")
+
+
+def test_numba_backward_in_parts_sums_groups_split_between_parts(monkeypatch):
+    native = kernels._native_module()
+    monkeypatch.setattr(native, "_n_parts", lambda n_rows, numel: 3)  # parts end at rows 32 and 64, inside groups
+    parts = []
+    monkeypatch.setattr(native, "_backward_parts", lambda *args, _parts=native._backward_parts: parts.append(args[-1])
+                        or _parts(*args))
+    torch.manual_seed(0)
+    table = torch.sort(torch.randn(4, 4), 1).values
+    groups = torch.arange(96) * 4 // 96
+    rows, grad = torch.randn(96, 100), torch.randn(96, 100)
+    _, codes, _ = native.lookup_forward(None, groups, table, rows, False)
+    expected = kernels._torch_level_grad(codes, table, groups, rows, grad, torch.tensor(0.3), 0.5)
+    torch.testing.assert_close(native.lookup_backward(codes, groups, table, rows, grad, 0.3, 0.5), expected)
+    assert parts == [3], f"the rows were not split over threads: {parts}"
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
@@ -669,20 +688,22 @@ def test_numba_bins_by_bit_pattern_serve_log_levels_down_to_subnormals(scale):
 
 def test_numba_kernels_refuse_shapes_that_would_index_out_of_bounds():
     native = kernels._native_module()
-    rows, thresholds = torch.randn(8, 20), torch.sort(torch.randn(2, 3), 1).values
-    table = torch.sort(torch.randn(8, 4), 1).values
+    rows, table = torch.randn(8, 20), torch.sort(torch.randn(2, 4), 1).values
+    thresholds, codes = kernels.midpoints(table), torch.zeros(8, 20, dtype=torch.uint8)
+    groups = torch.arange(8) % 2
     bad_calls = {
-        "groups beyond the thresholds": lambda: native.lookup_forward(thresholds, torch.arange(8), table, rows, True),
-        "too few groups": lambda: native.lookup_forward(thresholds, torch.zeros(4, dtype=torch.long), table, rows,
-                                                        True),
-        "a table of other rows": lambda: native.lookup_forward(thresholds, torch.zeros(8, dtype=torch.long),
-                                                               table[:4], rows, True),
-        "a gradient of another shape": lambda: native.lookup_backward(torch.zeros(8, 20, dtype=torch.uint8), table,
-                                                                      rows, torch.ones(8, 10), 0.0, 1.0),
-        "a table of other rows, backward": lambda: native.lookup_backward(torch.zeros(8, 20, dtype=torch.uint8),
-                                                                          table[:2], rows, None, 1.0, 1.0),
-        "codes of another shape": lambda: native.lookup_backward(torch.zeros(8, 30, dtype=torch.uint8), table, rows,
-                                                                 None, 1.0, 1.0),
+        "groups beyond the table": lambda: native.lookup_forward(thresholds, torch.arange(8), table, rows, True),
+        "groups beyond the table, nearest": lambda: native.lookup_forward(None, torch.arange(8), table, rows, True),
+        "negative groups": lambda: native.lookup_forward(None, -groups, table, rows, True),
+        "too few groups": lambda: native.lookup_forward(thresholds, groups[:4], table, rows, True),
+        "thresholds of other rows": lambda: native.lookup_forward(thresholds[:1], groups, table, rows, True),
+        "thresholds of another count": lambda: native.lookup_forward(thresholds[:, :2], groups, table, rows, True),
+        "a gradient of another shape": lambda: native.lookup_backward(codes, groups, table, rows, torch.ones(8, 10),
+                                                                      0.0, 1.0),
+        "groups beyond the table, backward": lambda: native.lookup_backward(codes, groups, table[:1], rows, None,
+                                                                            1.0, 1.0),
+        "codes of another shape": lambda: native.lookup_backward(codes[:, :10], groups, table, rows, None, 1.0, 1.0),
+        "groups beyond the table, decode": lambda: native.decode(codes, groups + 1, table),
     }
     for what, call in bad_calls.items():
         with pytest.raises(ValueError, match="timm_qconv kernels"):

@@ -23,7 +23,7 @@ def operator_inputs(n_levels: int) -> tuple[torch.Tensor, ...]:
     levels = torch.sort(torch.randn(3, n_levels), 1).values
     groups = torch.arange(6) * 3 // 6
     thresholds = (levels[:, 1:] + levels[:, :-1]) / 2
-    table = levels[groups].requires_grad_()
+    table = levels.requires_grad_()
     rows = torch.randn(6, 40, requires_grad=True)
     return thresholds, groups, table, rows
 
@@ -35,7 +35,7 @@ def test_operators_pass_opcheck(op_kernels, n_levels, with_error):
     torch.library.opcheck(_traced_ops.lookup, (thresholds, groups, table, rows, True, 0.5, with_error))
     _, codes, _ = _traced_ops.lookup(thresholds, groups, table, rows, True, 0.5, with_error)
     grad = torch.randn_like(rows)
-    torch.library.opcheck(_traced_ops.lookup_backward, (codes, table.detach(), rows.detach(), grad,
+    torch.library.opcheck(_traced_ops.lookup_backward, (codes, groups, table.detach(), rows.detach(), grad,
                                                         torch.tensor(0.25), 0.5))
 
 
@@ -46,8 +46,8 @@ def test_operator_gradient_is_the_eager_kernels(op_kernels, with_error):
     weight = torch.randn_like(q)
     ((q * weight).sum() + 3 * error).backward()
     eager_table, eager_rows = table.detach().clone().requires_grad_(), rows.detach().clone().requires_grad_()
-    eager_q, eager_codes, eager_error = _kernels.lookup_codes(eager_table, eager_rows, thresholds[groups], ste=True,
-                                                              grad_scale=0.5, with_error=with_error)
+    eager_q, eager_codes, eager_error = _kernels.lookup_codes(eager_table, eager_rows, thresholds, ste=True,
+                                                              grad_scale=0.5, with_error=with_error, groups=groups)
     ((eager_q * weight).sum() + (3 * eager_error if with_error else 0)).backward()
     assert torch.equal(q, eager_q) and torch.equal(codes.long(), eager_codes.long())
     torch.testing.assert_close(table.grad, eager_table.grad, msg=lambda m: f"levels' gradient: {m}")

@@ -206,15 +206,23 @@ def _traced_op_serves(rows: Tensor, table: Tensor) -> bool:
 
 def _native_lookup(native: Any, table: Tensor, thresholds: Tensor | None, groups: Tensor | None, rows: Tensor,
                    with_error: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`timm_qconv._native.lookup_forward` with this module's conventions: ``thresholds``
-    ``None`` means the nearest level of the per-row ``table``; ``groups`` ``None``, one threshold row
-    per row of weights."""
-    table = table.detach()
-    if thresholds is None:
-        thresholds = midpoints(table)
+    """:func:`timm_qconv._native.lookup_forward` with this module's conventions: ``groups`` ``None``
+    means one row of ``table`` (and of ``thresholds``) per row of weights."""
     if groups is None:
         groups = torch.arange(rows.shape[0])
-    return native.lookup_forward(thresholds.detach().float().contiguous(), groups, table, rows.detach(), with_error)
+    if thresholds is not None:
+        thresholds = thresholds.detach().float().contiguous()
+    return native.lookup_forward(thresholds, groups, table.detach(), rows.detach(), with_error)
+
+
+def _per_row(table: Tensor, groups: Tensor | None) -> Tensor:
+    """The ``(G, L)`` ``table`` with one row per row of weights ``(C, L)``: row ``groups[c]`` for row ``c``."""
+    return table if groups is None else table[groups]
+
+
+def _per_group(grad: Tensor, groups: Tensor | None, n_groups: int) -> Tensor:
+    """The gradient ``(C, L)`` of :func:`_per_row`'s table summed into the ``(G, L)`` table's."""
+    return grad if groups is None else grad.new_zeros(n_groups, grad.shape[1]).index_add_(0, groups, grad)
 
 
 class _Scratch(threading.local):
@@ -262,6 +270,11 @@ class _Lookup(torch.autograd.Function):
     """Outputs the rounded weights ``q``, their codes (eager only) and, when asked, the squared
     rounding error ``sum((q - rows)**2)``.
 
+    ``table`` holds the levels ``(G, L)``, row ``groups[c]`` serving row ``c`` of the weights
+    (``groups`` ``None``: one row per row of weights), and gets its gradient in that shape. The
+    backward reads a copy of it: it may be a parameter (``linear``'s levels), edited in place
+    before the backward runs.
+
     The error is an output of the same node so that one backward call receives the gradients of
     both: the levels' gradient is then one scatter of ``grad_q * grad_scale + 2 * grad_error *
     (q - rows)`` over the codes, where a separate hash-loss node would need a second scatter
@@ -272,25 +285,29 @@ class _Lookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, table: Tensor, thresholds: Tensor | None, groups: Tensor | None, rows: Tensor, ste: bool,
                 grad_scale: float, with_error: bool) -> tuple[Tensor, Tensor, Tensor]:
-        ctx.ste, ctx.grad_scale = ste, grad_scale
+        ctx.ste, ctx.grad_scale, ctx.groups, ctx.n_groups = ste, grad_scale, groups, table.shape[0]
         ctx.compiled = thresholds is None and _use_compiled(table)
         ctx.set_materialize_grads(False)
         if ctx.compiled:
-            ctx.save_for_backward(table, rows)
+            row_table = _per_row(table, groups)
+            ctx.save_for_backward(row_table, rows)
             codes, error = rows.new_empty(0, dtype=torch.long), rows.new_empty(0)
             ctx.mark_non_differentiable(codes, error)
-            return _compiled(table.shape[1])[0](rows, table), codes, error
+            return _compiled(table.shape[1])[0](rows, row_table), codes, error
         native = _native_for(rows, table)
         ctx.native = native is not None
         if native is not None:
+            if groups is None:
+                ctx.groups = groups = torch.arange(rows.shape[0])
             q, codes, error = _native_lookup(native, table, thresholds, groups, rows, with_error)
-            ctx.save_for_backward(table, codes, rows)
+            ctx.save_for_backward(table.clone(), codes, rows)
             if error is None:
                 error = rows.new_empty(0)
                 ctx.mark_non_differentiable(error)
             ctx.mark_non_differentiable(codes)
             return q, codes, error
         q, codes, error = _torch_lookup(table, thresholds, groups, rows, with_error)
+        table = table.clone()
         if with_error:
             ctx.save_for_backward(table, codes, rows)  # not q: a layer's graph may keep the codes in its place
         else:
@@ -308,17 +325,18 @@ class _Lookup(torch.autograd.Function):
             table, saved, *error_inputs = ctx.saved_tensors  # saved: the codes, or the rows if compiled
             if ctx.compiled:
                 grad = torch.zeros_like(saved) if grad is None else grad.contiguous()
-                grad_table = _compiled(table.shape[1])[1](saved, table, grad) * ctx.grad_scale
+                grad_rows = _compiled(table.shape[1])[1](saved, table, grad) * ctx.grad_scale
+                grad_table = _per_group(grad_rows, ctx.groups, ctx.n_groups)
             elif ctx.native:
                 error_coef = 0.0 if grad_error is None else float(grad_error) * 2.0 / ctx.grad_scale
-                grad_table = _native_module().lookup_backward(saved, table, error_inputs[0],
+                grad_table = _native_module().lookup_backward(saved, ctx.groups, table, error_inputs[0],
                                                               None if grad is None else grad.contiguous(),
                                                               error_coef, ctx.grad_scale)
             else:
                 with_error = grad_error is not None and bool(error_inputs)
                 error_coef = (grad_error * (2.0 / ctx.grad_scale)).to(table.dtype) if with_error else None
-                grad_table = _torch_level_grad(saved, table, error_inputs[0] if with_error else None, grad,
-                                               error_coef, ctx.grad_scale)
+                grad_table = _torch_level_grad(saved, table, ctx.groups, error_inputs[0] if with_error else None,
+                                               grad, error_coef, ctx.grad_scale)
         # Straight through: the incoming gradient itself, not a copy, so that autograd can move it
         # into the weight's .grad without cloning.
         return grad_table, None, None, (grad if ctx.ste else None), None, None, None
@@ -328,31 +346,35 @@ def _torch_lookup(table: Tensor, thresholds: Tensor | None, groups: Tensor | Non
                   with_error: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """The lookup in PyTorch operations: ``(q, codes, error)``, the codes uint8 up to 256 levels
     (one byte per weight for a backward to keep, not eight), ``error`` the float32
-    ``sum((q - rows)**2)`` if ``with_error``, else ``None``."""
+    ``sum((q - rows)**2)`` if ``with_error``, else ``None``. ``table`` (and ``thresholds``) as
+    :class:`_Lookup`'s."""
+    if groups is not None and thresholds is None:  # nearest level, found by its thresholds: tables once per group
+        thresholds = midpoints(table.detach().float())
     codes = _codes(table, thresholds, rows, groups)
-    q = table.gather(1, _scratch.index(codes))
+    q = _per_row(table, groups).gather(1, _scratch.index(codes))
     if not with_error:
         return q, codes, None
     diff = torch.sub(q, rows, out=_scratch.like(rows, "work")).view(-1)  # float32, as rows
     return q, codes, torch.dot(diff, diff).float()
 
 
-def _torch_level_grad(codes: Tensor, table: Tensor, rows: Tensor | None, grad: Tensor | None,
+def _torch_level_grad(codes: Tensor, table: Tensor, groups: Tensor | None, rows: Tensor | None, grad: Tensor | None,
                       error_coef: Tensor | None, scale: float) -> Tensor:
     """The levels' gradient in PyTorch operations, as the Numba ``lookup_backward``: per level, the
-    sum over the weights of that code of ``grad + error_coef * (level - weight)``, times ``scale``.
-    ``grad`` ``None``: no task term; ``error_coef`` (a 0-d tensor, kept on the device) ``None``: no
-    error term, and ``rows`` is not read."""
+    sum over the weights of that code of ``grad + error_coef * (level - weight)``, times ``scale``,
+    in ``table``'s shape (see :class:`_Lookup`). ``grad`` ``None``: no task term; ``error_coef`` (a
+    0-d tensor, kept on the device) ``None``: no error term, and ``rows`` is not read."""
     index = _scratch.index(codes)
+    row_table = _per_row(table, groups)
     combined = grad
     if error_coef is not None:
-        q = table.gather(1, index)
+        q = row_table.gather(1, index)
         diff = torch.sub(q, rows, out=_scratch.like(q, "work"))  # in the table's dtype
         combined = diff.mul_(error_coef) if grad is None else torch.addcmul(grad, diff, error_coef, out=diff)
-    grad_table = torch.zeros_like(table)
+    grad_rows = torch.zeros_like(row_table)
     if combined is not None:  # scaled after the scatter (a (C, L) table), not before it (the (C, K) weights)
-        grad_table.scatter_add_(1, index, combined.contiguous()).mul_(scale)
-    return grad_table
+        grad_rows.scatter_add_(1, index, combined.contiguous()).mul_(scale)
+    return _per_group(grad_rows, groups, table.shape[0])
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -606,10 +628,6 @@ def lookup_codes(
         (the error only serves the hash loss's backward).
     """
     rows = (rows if ste else rows.detach()).contiguous()
-    if groups is not None:
-        if thresholds is None and not _use_compiled(table):
-            thresholds = midpoints(table.detach().float())  # nearest level: found by its thresholds
-        table = table[groups]
     table = table.contiguous()
     if torch.compiler.is_compiling() and _traced_op_serves(rows, table):
         thresholds = midpoints(table.detach()) if thresholds is None else thresholds.detach().float()
@@ -621,9 +639,9 @@ def lookup_codes(
         native = _native_for(rows, table)
         if native is not None:
             q, codes, _ = _native_lookup(native, table, thresholds, groups, rows, with_error=False)
-            return q, codes.long(), None
-        codes = _codes(table, thresholds, rows, groups).long()
-        return table.gather(1, codes), codes, None
+        else:
+            q, codes, _ = _torch_lookup(table, thresholds, groups, rows, with_error=False)
+        return q, codes.long(), None
     q, codes, error = _Lookup.apply(table, thresholds, groups, rows, ste, grad_scale, with_error)
     return q, (codes if codes.numel() else None), (error if error.ndim == 0 else None)
 

@@ -10,7 +10,8 @@ PyTorch uses (:func:`_run`).
 
 A code is the number of the row's ascending thresholds strictly below the weight (ties go to
 the lower level, NaN to code 0), as :func:`timm_qconv._kernels.threshold_codes` defines it: up to
-:data:`MAX_COUNTED_THRESHOLDS` thresholds by counting comparisons, which vectorise; above, by bins
+:data:`MAX_COUNTED_THRESHOLDS` thresholds by counting comparisons, which vectorise (up to
+:data:`MAX_SELECTED_THRESHOLDS`, each comparison also selects the level); above, by bins
 equal in value or in bit pattern (:func:`_bin_tables`), or where the thresholds crowd into a bin
 both ways, by a branchless binary search.
 
@@ -35,6 +36,11 @@ from torch import Tensor
 #: Up to this many thresholds (64 levels) a row's codes are counted comparison by comparison
 #: (2.4 M weights: 1.4 ms at 16 levels, 4.8 ms at 64); above, by bins (5.0 ms whatever the levels).
 MAX_COUNTED_THRESHOLDS = 63
+#: Up to this many thresholds (8 levels) the forward finds each weight's level along with its code,
+#: one select per threshold, instead of reading it from the table by code afterwards (a gather):
+#: all of resnet34's conv weights at 2 / 4 / 8 levels take 6.5 / 8.8 / 14.2 ms instead of 11.3 /
+#: 12.4 / 15.2 (at 16 levels the selects cost more than the gather: 23.4 against 19.9 ms).
+MAX_SELECTED_THRESHOLDS = 7
 #: The bins: this many per threshold, and a weight is compared with at most MAX_BIN_THRESHOLDS
 #: thresholds of its bin. Bins are equal in value, or where that crowds more thresholds into one
 #: bin (log's, halving towards zero), equal in bit pattern (:func:`_bit_keys`); rows crowded both
@@ -169,16 +175,36 @@ def _squared_error(q: np.ndarray, x: np.ndarray) -> float:
 
 
 @_jit
+def _row_select(x: np.ndarray, row: np.ndarray, levels: np.ndarray, q_row: np.ndarray, count: np.ndarray) -> None:
+    """Codes (into ``count``) and levels (into ``q_row``) of the weights ``x`` for the ascending
+    thresholds ``row``, by one select per threshold: each pass vectorises without a gather."""
+    t, low, high = row[0], levels[0], levels[1]
+    for k in range(x.shape[0]):
+        above = x[k] > t
+        count[k] = above
+        q_row[k] = high if above else low
+    for j in range(1, row.shape[0]):
+        t, high = row[j], levels[j + 1]
+        for k in range(x.shape[0]):
+            above = x[k] > t
+            count[k] += above
+            q_row[k] = high if above else q_row[k]
+
+
+@_jit
 def _forward_kernel(rows: np.ndarray, thresholds: np.ndarray, groups: np.ndarray, tables: tuple, table: np.ndarray,
                     q: np.ndarray, codes: np.ndarray, row_error: np.ndarray, with_error: bool, start: int,
                     stop: int) -> None:
     count = np.empty(rows.shape[1], np.int32)
     for c in range(start, stop):
-        x, levels, q_row, code_row = rows[c], table[c], q[c], codes[c]
-        _row_codes(x, groups[c], thresholds, tables, count)
-        # two loops, not one: each vectorises alone (1.2 against 2.1 ms for 2.4 M weights at 4 levels)
-        for k in range(x.shape[0]):
-            q_row[k] = levels[count[k]]
+        x, levels, q_row, code_row = rows[c], table[groups[c]], q[c], codes[c]
+        if thresholds.shape[1] <= MAX_SELECTED_THRESHOLDS:
+            _row_select(x, thresholds[groups[c]], levels, q_row, count)
+        else:
+            _row_codes(x, groups[c], thresholds, tables, count)
+            # two loops, not one: each vectorises alone (1.2 against 2.1 ms for 2.4 M weights at 4 levels)
+            for k in range(x.shape[0]):
+                q_row[k] = levels[count[k]]
         for k in range(x.shape[0]):
             code_row[k] = count[k]
         if with_error:
@@ -186,13 +212,13 @@ def _forward_kernel(rows: np.ndarray, thresholds: np.ndarray, groups: np.ndarray
 
 
 @_jit
-def _backward_kernel(codes: np.ndarray, table: np.ndarray, rows: np.ndarray, grad: np.ndarray, has_grad: bool,
-                     error_coef: float, scale: float, out: np.ndarray, start: int, stop: int) -> None:
+def _backward_kernel(codes: np.ndarray, groups: np.ndarray, table: np.ndarray, rows: np.ndarray, grad: np.ndarray,
+                     has_grad: bool, error_coef: float, out: np.ndarray, start: int, stop: int) -> None:
     n_levels = table.shape[1]
     sums = np.empty(_LANES * n_levels, np.float64)
     for c in range(start, stop):
         sums[:] = 0.0
-        levels, x, code = table[c], rows[c], codes[c]
+        levels, x, code = table[groups[c]], rows[c], codes[c]
         if has_grad and error_coef != 0.0:
             for k in range(code.shape[0]):
                 i = code[k]
@@ -208,7 +234,7 @@ def _backward_kernel(codes: np.ndarray, table: np.ndarray, rows: np.ndarray, gra
             total = 0.0
             for lane in range(_LANES):
                 total += sums[lane * n_levels + level]
-            out[c, level] = total * scale
+            out[c, level] = total
 
 
 @_jit(parallel=True)
@@ -221,11 +247,43 @@ def _forward_parts(rows: np.ndarray, thresholds: np.ndarray, groups: np.ndarray,
 
 
 @_jit(parallel=True)
-def _backward_parts(codes: np.ndarray, table: np.ndarray, rows: np.ndarray, grad: np.ndarray, has_grad: bool,
-                    error_coef: float, scale: float, out: np.ndarray, n_parts: int) -> None:
+def _backward_parts(codes: np.ndarray, groups: np.ndarray, table: np.ndarray, rows: np.ndarray, grad: np.ndarray,
+                    has_grad: bool, error_coef: float, out: np.ndarray, n_parts: int) -> None:
     for p in numba.prange(n_parts):
-        _backward_kernel(codes, table, rows, grad, has_grad, error_coef, scale, out,
+        _backward_kernel(codes, groups, table, rows, grad, has_grad, error_coef, out,
                          codes.shape[0] * p // n_parts, codes.shape[0] * (p + 1) // n_parts)
+
+
+@_jit
+def _sum_by_group(per_row: np.ndarray, groups: np.ndarray, scale: float, out: np.ndarray) -> np.ndarray:
+    """``out`` (G, L): the float64 sum of the rows of ``per_row`` (C, L) of each group, times ``scale``."""
+    sums = np.zeros(out.shape, np.float64)
+    for c in range(per_row.shape[0]):
+        for level in range(per_row.shape[1]):
+            sums[groups[c], level] += per_row[c, level]
+    for g in range(out.shape[0]):
+        for level in range(out.shape[1]):
+            out[g, level] = sums[g, level] * scale
+    return out
+
+
+@_jit
+def _midpoints(table: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The thresholds of nearest-level rounding: ``(table[:, j] + table[:, j + 1]) * 0.5`` into
+    ``out`` (G, L-1), in float32 as :func:`timm_qconv._groups.midpoints` computes them."""
+    for g in range(table.shape[0]):
+        for j in range(out.shape[1]):
+            out[g, j] = (table[g, j + 1] + table[g, j]) * np.float32(0.5)
+    return out
+
+
+@_jit
+def _indexes_below(groups: np.ndarray, n_targets: int) -> bool:
+    """Whether every entry of ``groups`` is an index below ``n_targets``."""
+    for c in range(groups.shape[0]):
+        if groups[c] < 0 or groups[c] >= n_targets:
+            return False
+    return True
 
 
 @_jit
@@ -289,55 +347,70 @@ def _array(x: Tensor) -> np.ndarray:
 
 def _indexes_fit(groups: Tensor, n_rows: int, n_targets: int) -> bool:
     """Whether ``groups`` holds ``n_rows`` indexes, each below ``n_targets``."""
-    return groups.shape == (n_rows,) and (not n_rows or 0 <= int(groups.min()) <= int(groups.max()) < n_targets)
+    return groups.shape == (n_rows,) and _indexes_below(_array(groups), n_targets)
 
 
-def _check(rows: Tensor, thresholds: Tensor | None = None, groups: Tensor | None = None,
-           table: Tensor | None = None, grad: Tensor | None = None, codes: Tensor | None = None) -> None:
+def _check(rows: Tensor, groups: Tensor, table: Tensor, thresholds: Tensor | None = None, grad: Tensor | None = None,
+           codes: Tensor | None = None) -> None:
     """The kernels index without bounds checks: shapes that do not fit would read and write out
     of bounds, so they are refused here, as PyTorch's own operations would refuse them."""
     n_rows = rows.shape[0]
     problems = []
     if rows.ndim != 2 or not rows.is_contiguous():
         problems.append(f"rows must be a contiguous (C, K) matrix, got shape {tuple(rows.shape)}")
-    if table is not None and (table.ndim != 2 or table.shape[0] != n_rows or not table.is_contiguous()):
-        problems.append(f"table must be a contiguous ({n_rows}, L) matrix, got shape {tuple(table.shape)}")
+    if table.ndim != 2 or not table.is_contiguous():
+        problems.append(f"table must be a contiguous (G, L) matrix, got shape {tuple(table.shape)}")
+    elif not _indexes_fit(groups, n_rows, table.shape[0]):
+        problems.append(f"groups must be {n_rows} indexes into the {table.shape[0]} rows of table")
     for name, tensor in (("grad", grad), ("codes", codes)):
         if tensor is not None and tensor.shape != rows.shape:
             problems.append(f"{name} must have the shape {tuple(rows.shape)} of rows, got {tuple(tensor.shape)}")
-    if thresholds is not None:
-        if table is not None and thresholds.shape[1] != table.shape[1] - 1:
-            problems.append(f"thresholds must have {table.shape[1] - 1} columns, got {thresholds.shape[1]}")
-        if not _indexes_fit(groups, n_rows, thresholds.shape[0]):
-            problems.append(f"groups must be {n_rows} indexes into the {thresholds.shape[0]} rows of thresholds")
+    if thresholds is not None and thresholds.shape != (table.shape[0], table.shape[1] - 1):
+        problems.append(f"thresholds must be ({table.shape[0]}, {table.shape[1] - 1}), one row per row of table, "
+                        f"got {tuple(thresholds.shape)}")
     if problems:
         raise ValueError("timm_qconv kernels: " + "; ".join(problems))
 
 
-def lookup_forward(thresholds: Tensor, groups: Tensor, table: Tensor, rows: Tensor,
+#: What :func:`_bin_tables` returns for rows of up to MAX_COUNTED_THRESHOLDS thresholds, which count
+#: instead: empty tables of its types.
+_NO_BIN_TABLES = (np.zeros(0, np.bool_), np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros((0, 0), np.int32),
+                  np.zeros((0, 0), np.float32), np.zeros(0, np.bool_))
+
+
+def lookup_forward(thresholds: Tensor | None, groups: Tensor, table: Tensor, rows: Tensor,
                    with_error: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(q, codes, error)``: each weight's level in its row of ``table`` (C, L), the uint8 codes,
-    and ``sum((q - rows)**2)`` as a float32 scalar if ``with_error`` (else ``None``)."""
-    _check(rows, thresholds, groups, table)
+    """``(q, codes, error)``: each weight of row ``c`` of ``rows`` (C, K) mapped by row ``groups[c]``
+    of ``thresholds`` (G, L-1; ``None``: the midpoints of ``table``, nearest-level rounding) to its
+    level in the same row of ``table`` (G, L); the uint8 codes; and ``sum((q - rows)**2)`` as a
+    float32 scalar if ``with_error`` (else ``None``)."""
+    _check(rows, groups, table, thresholds)
+    table_ = _array(table)
+    if thresholds is None:
+        thresholds_ = _midpoints(table_, np.empty((table_.shape[0], table_.shape[1] - 1), np.float32))
+    else:
+        thresholds_ = _array(thresholds)
+    tables = _bin_tables(thresholds_) if thresholds_.shape[1] > MAX_COUNTED_THRESHOLDS else _NO_BIN_TABLES
     q = torch.empty_like(rows)
     out_codes = torch.empty(rows.shape, dtype=torch.uint8)
     row_error = torch.empty(rows.shape[0] if with_error else 0)
-    thresholds_ = _array(thresholds)
     _run(_forward_kernel, _forward_parts, rows.shape[0], rows.numel(), _array(rows), thresholds_, _array(groups),
-         _bin_tables(thresholds_), _array(table), q.numpy(), out_codes.numpy(), row_error.numpy(), with_error)
+         tables, table_, q.numpy(), out_codes.numpy(), row_error.numpy(), with_error)
     return q, out_codes, (row_error.sum() if with_error else None)
 
 
-def lookup_backward(codes: Tensor, table: Tensor, rows: Tensor, grad: Tensor | None, error_coef: float,
-                    scale: float) -> Tensor:
-    """Gradient of the ``(C, L)`` table: per level, the sum over the weights of that code of
-    ``grad + error_coef * (level - weight)``, times ``scale``."""
-    _check(rows, table=table, grad=grad, codes=codes)
-    out = torch.empty(table.shape, dtype=torch.float32)
+def lookup_backward(codes: Tensor, groups: Tensor, table: Tensor, rows: Tensor, grad: Tensor | None,
+                    error_coef: float, scale: float) -> Tensor:
+    """Gradient of the ``(G, L)`` table: per level of each group, the sum over the weights of that
+    code in the group's rows of ``grad + error_coef * (level - weight)``, times ``scale``."""
+    _check(rows, groups, table, grad=grad, codes=codes)
+    per_row = np.empty((codes.shape[0], table.shape[1]), np.float32)
     no_grad = np.zeros((0, 0), np.float32)
-    _run(_backward_kernel, _backward_parts, codes.shape[0], codes.numel(), _array(codes), _array(table),
-         _array(rows), no_grad if grad is None else _array(grad), grad is not None, float(error_coef), float(scale),
-         out.numpy())
+    groups_ = _array(groups)
+    _run(_backward_kernel, _backward_parts, codes.shape[0], codes.numel(), _array(codes), groups_, _array(table),
+         _array(rows), no_grad if grad is None else _array(grad), grad is not None, float(error_coef), per_row)
+    out = torch.empty(table.shape, dtype=torch.float32)
+    _sum_by_group(per_row, groups_, float(scale), out.numpy())
     return out
 
 

@@ -25,7 +25,7 @@ def lookup(thresholds: Tensor, groups: Tensor, table: Tensor, rows: Tensor, ste:
            with_error: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(q, codes, error)`` for the ``(C, K)`` float32 ``rows``: the code of each weight is the
     number of thresholds below it in row ``groups[c]`` of ``thresholds`` (G, T), ``q`` its level in
-    row ``c`` of ``table`` (C, T + 1), ``error`` the 0-d ``sum((q - rows)**2)`` (zero, with no
+    the same row of ``table`` (G, T + 1), ``error`` the 0-d ``sum((q - rows)**2)`` (zero, with no
     gradient, unless ``with_error``). ``ste`` and ``grad_scale`` are read by the backward only
     (see ``_Lookup``)."""
     from . import _kernels  # here, not above: _kernels imports this module
@@ -46,38 +46,39 @@ def _(thresholds: Tensor, groups: Tensor, table: Tensor, rows: Tensor, ste: bool
 
 
 @torch.library.custom_op("timm_qconv::lookup_backward", mutates_args=(), device_types="cpu")
-def lookup_backward(codes: Tensor, table: Tensor, rows: Tensor, grad: Tensor, error_grad: Tensor,
+def lookup_backward(codes: Tensor, groups: Tensor, table: Tensor, rows: Tensor, grad: Tensor, error_grad: Tensor,
                     grad_scale: float) -> Tensor:
-    """Gradient of ``table`` (C, L): per level, the sum over the weights of that code of
-    ``grad * grad_scale + 2 * error_grad * (level - weight)``."""
+    """Gradient of ``table`` (G, L): per level of each group, the sum over the weights of that code
+    in the group's rows of ``grad * grad_scale + 2 * error_grad * (level - weight)``."""
     from . import _kernels
 
     native = _kernels._native_module()
     if native is not None:
-        return native.lookup_backward(codes.contiguous(), table.contiguous(), rows.contiguous(), grad.contiguous(),
-                                      float(error_grad) * 2.0 / grad_scale, grad_scale)
-    return _kernels._torch_level_grad(codes, table, rows, grad, error_grad * (2.0 / grad_scale), grad_scale)
+        return native.lookup_backward(codes.contiguous(), groups, table.contiguous(), rows.contiguous(),
+                                      grad.contiguous(), float(error_grad) * 2.0 / grad_scale, grad_scale)
+    return _kernels._torch_level_grad(codes, table, groups, rows, grad, error_grad * (2.0 / grad_scale), grad_scale)
 
 
 @lookup_backward.register_fake
-def _(codes: Tensor, table: Tensor, rows: Tensor, grad: Tensor, error_grad: Tensor, grad_scale: float) -> Tensor:
+def _(codes: Tensor, groups: Tensor, table: Tensor, rows: Tensor, grad: Tensor, error_grad: Tensor,
+      grad_scale: float) -> Tensor:
     return torch.empty_like(table)
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    _, _, table, rows, ste, grad_scale, with_error = inputs
+    _, groups, table, rows, ste, grad_scale, with_error = inputs
     _, codes, _ = output
     ctx.ste, ctx.grad_scale, ctx.with_error = ste, grad_scale, with_error
-    ctx.save_for_backward(table, codes, rows)
+    ctx.save_for_backward(groups, table, codes, rows)
 
 
 def _backward(ctx: Any, grad: Tensor | None, grad_codes: Any, grad_error: Tensor | None) -> tuple:
-    table, codes, rows = ctx.saved_tensors
+    groups, table, codes, rows = ctx.saved_tensors
     grad_table = None
     if ctx.needs_input_grad[2]:
         dense = grad if grad is not None else torch.zeros_like(rows)
         error_grad = grad_error if grad_error is not None and ctx.with_error else rows.new_zeros(())
-        grad_table = lookup_backward(codes, table, rows, dense, error_grad, ctx.grad_scale)
+        grad_table = lookup_backward(codes, groups, table, rows, dense, error_grad, ctx.grad_scale)
     return None, None, grad_table, (grad if ctx.ste else None), None, None, None
 
 

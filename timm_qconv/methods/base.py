@@ -269,7 +269,10 @@ class LastLookup:
 
     @staticmethod
     def _versions(quantizer: nn.Module, weight: Tensor) -> tuple[int, ...]:
-        return (weight._version, *(p._version for p in quantizer.parameters()))
+        # The quantizer's own parameters read directly (a tenth of .parameters()' cost, paid twice
+        # per layer and step); all of them, through .parameters(), for a quantizer with submodules.
+        params = quantizer._parameters.values() if not quantizer._modules else quantizer.parameters()
+        return (weight._version, *(p._version for p in params if p is not None))
 
     def keep(self, quantizer: nn.Module, weight: Tensor, error: Tensor, alive: Any) -> None:
         self.error, self.weight, self.alive = error, weight, weakref.ref(alive)
