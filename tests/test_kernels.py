@@ -529,7 +529,7 @@ def numba_codes(thresholds: torch.Tensor, rows: torch.Tensor, groups: torch.Tens
     """The codes of the Numba forward, which with a level table of the codes themselves must also
     be its quantized weights."""
     table = torch.arange(thresholds.shape[1] + 1, dtype=torch.float32).expand(thresholds.shape[0], -1).contiguous()
-    q, codes, _ = kernels._native_module().lookup_forward(thresholds, groups, table, rows, False)
+    q, codes, _, _ = kernels._native_module().lookup_forward(thresholds, groups, table, rows, False)
     assert torch.equal(q, codes.float()), "the Numba forward's levels are not those of its codes"
     return codes
 
@@ -590,20 +590,30 @@ def test_numba_kernels_give_the_squared_error_alone_its_gradient():
     torch.testing.assert_close(grad, expected, msg=lambda m: f"gradient of the squared error alone: {m}")
 
 
-def test_numba_backward_in_parts_sums_groups_split_between_parts(monkeypatch):
+@pytest.mark.parametrize("n_levels", [2, 4, 8])  # up to 4 levels, masked sums per level; 8: one scatter pass
+@pytest.mark.parametrize("error_coef", [0.0, 0.3])
+def test_numba_backward_in_parts_sums_groups_split_between_parts(n_levels, error_coef, monkeypatch):
     native = kernels._native_module()
     monkeypatch.setattr(native, "_n_parts", lambda n_rows, numel: 3)  # parts end at rows 32 and 64, inside groups
     parts = []
-    monkeypatch.setattr(native, "_backward_parts", lambda *args, _parts=native._backward_parts: parts.append(args[-1])
-                        or _parts(*args))
+    for name in ("_backward_parts", "_masked_backward_parts"):
+        monkeypatch.setattr(native, name, lambda *args, _parts=getattr(native, name): parts.append(args[-1])
+                            or _parts(*args))
     torch.manual_seed(0)
-    table = torch.sort(torch.randn(4, 4), 1).values
+    table = torch.sort(torch.randn(4, n_levels), 1).values
     groups = torch.arange(96) * 4 // 96
     rows, grad = torch.randn(96, 100), torch.randn(96, 100)
-    _, codes, _ = native.lookup_forward(None, groups, table, rows, False)
-    expected = kernels._torch_level_grad(codes, table, groups, rows, grad, torch.tensor(0.3), 0.5)
-    torch.testing.assert_close(native.lookup_backward(codes, groups, table, rows, grad, 0.3, 0.5), expected)
-    assert parts == [3], f"the rows were not split over threads: {parts}"
+    _, codes, _, deviations = native.lookup_forward(None, groups, table, rows, True)
+    assert (deviations is not None) == (n_levels <= native.MAX_MASKED_LEVELS), "deviations computed or not"
+    expected = kernels._torch_level_grad(codes, table, groups, rows, grad, torch.tensor(error_coef), 0.5)
+    for given in ({"deviations": deviations}, {}):  # the weights' deviations from the forward, or read again
+        for task_grad in (grad, None):  # the hash loss alone: no gradient from the task
+            wanted = expected if task_grad is not None else kernels._torch_level_grad(
+                codes, table, groups, rows, None, torch.tensor(error_coef), 0.5)
+            found = native.lookup_backward(codes, groups, table, rows, task_grad, error_coef, 0.5, **given)
+            torch.testing.assert_close(found, wanted, rtol=1e-5, atol=2e-5,  # float32 sums of 2,400 in another order
+                                       msg=lambda m: f"{n_levels} levels, {given.keys()}: {m}")
+    assert parts == [3] * 4, f"the rows were not split over threads: {parts}"
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

@@ -205,7 +205,7 @@ def _traced_op_serves(rows: Tensor, table: Tensor) -> bool:
 
 
 def _native_lookup(native: Any, table: Tensor, thresholds: Tensor | None, groups: Tensor | None, rows: Tensor,
-                   with_error: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+                   with_error: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """:func:`timm_qconv._native.lookup_forward` with this module's conventions: ``groups`` ``None``
     means one row of ``table`` (and of ``thresholds``) per row of weights."""
     if groups is None:
@@ -299,8 +299,8 @@ class _Lookup(torch.autograd.Function):
         if native is not None:
             if groups is None:
                 ctx.groups = groups = torch.arange(rows.shape[0])
-            q, codes, error = _native_lookup(native, table, thresholds, groups, rows, with_error)
-            ctx.save_for_backward(table.clone(), codes, rows)
+            q, codes, error, deviations = _native_lookup(native, table, thresholds, groups, rows, with_error)
+            ctx.save_for_backward(table.clone(), codes, rows, deviations)
             if error is None:
                 error = rows.new_empty(0)
                 ctx.mark_non_differentiable(error)
@@ -329,9 +329,10 @@ class _Lookup(torch.autograd.Function):
                 grad_table = _per_group(grad_rows, ctx.groups, ctx.n_groups)
             elif ctx.native:
                 error_coef = 0.0 if grad_error is None else float(grad_error) * 2.0 / ctx.grad_scale
-                grad_table = _native_module().lookup_backward(saved, ctx.groups, table, error_inputs[0],
+                rows, deviations = error_inputs
+                grad_table = _native_module().lookup_backward(saved, ctx.groups, table, rows,
                                                               None if grad is None else grad.contiguous(),
-                                                              error_coef, ctx.grad_scale)
+                                                              error_coef, ctx.grad_scale, deviations)
             else:
                 with_error = grad_error is not None and bool(error_inputs)
                 error_coef = (grad_error * (2.0 / ctx.grad_scale)).to(table.dtype) if with_error else None
@@ -638,7 +639,7 @@ def lookup_codes(
     if not needs_grad and (thresholds is not None or not _use_compiled(table)):
         native = _native_for(rows, table)
         if native is not None:
-            q, codes, _ = _native_lookup(native, table, thresholds, groups, rows, with_error=False)
+            q, codes, _, _ = _native_lookup(native, table, thresholds, groups, rows, with_error=False)
         else:
             q, codes, _ = _torch_lookup(table, thresholds, groups, rows, with_error=False)
         return q, codes.long(), None

@@ -32,7 +32,7 @@ def lookup(thresholds: Tensor, groups: Tensor, table: Tensor, rows: Tensor, ste:
 
     native = _kernels._native_module()
     if native is not None:
-        q, codes, error = native.lookup_forward(thresholds.contiguous(), groups, table.contiguous(),
+        q, codes, error, _ = native.lookup_forward(thresholds.contiguous(), groups, table.contiguous(),
                                                 rows.contiguous(), with_error)
     else:
         q, codes, error = _kernels._torch_lookup(table, thresholds, groups, rows, with_error)
