@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ._errors import all_finite, check_choice
-from ._kernels import use_backend
+from ._kernels import get_backend, use_backend
 from ._registry import config_owner, make_config
 from ._saved_codes import autocast_weight, hooks_free, saved_as_codes
 from ._weight_cache import WeightCache
@@ -112,7 +112,8 @@ class QuantMixin:
         return self.weight_cache.get(self.weight, self.quantizer, self._compute_weight)
 
     def _compute_weight(self) -> Tensor:
-        if self.kernels is None or torch.compiler.is_compiling():  # traced code takes the eager formulation
+        # traced code takes the eager formulation; no ``with`` block where this backend is in force already
+        if self.kernels is None or torch.compiler.is_compiling() or self.kernels == get_backend():
             return self.quantizer(self.weight, ste=True)
         with use_backend(self.kernels):
             return self.quantizer(self.weight, ste=True)
