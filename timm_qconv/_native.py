@@ -85,8 +85,8 @@ def _bin_tables(thresholds: np.ndarray) -> tuple:
     are equal in bit pattern rather than in value; the first key and bins per unit of key (``low``,
     ``scale``: a weight's bin is ``(key(w) - low) * scale``, clamped); the number of thresholds in
     the bins before each bin (``before``); the thresholds followed by ``MAX_BIN_THRESHOLDS``
-    infinities (``padded``); and whether no bin holds more than ``MAX_BIN_THRESHOLDS``
-    (``usable``).
+    infinities (``padded``); and the most thresholds any bin holds (``depth``: the comparisons a
+    weight needs), or 0 where a bin holds more than ``MAX_BIN_THRESHOLDS`` (the bins are not used).
 
     Exact, not approximate: thresholds take their bins through the same float32 operations as the
     weights, which are monotone, so a threshold in an earlier bin is below the weight and one in a
@@ -98,7 +98,7 @@ def _bin_tables(thresholds: np.ndarray) -> tuple:
     low, scale = np.zeros(n_rows, np.float32), np.zeros(n_rows, np.float32)
     before = np.zeros((n_rows, n_bins), np.int32)
     padded = np.full((n_rows, n_thresholds + MAX_BIN_THRESHOLDS), np.inf, np.float32)
-    usable, by_bits = np.zeros(n_rows, np.bool_), np.zeros(n_rows, np.bool_)
+    depth, by_bits = np.zeros(n_rows, np.int32), np.zeros(n_rows, np.bool_)
     keys = np.empty(n_thresholds, np.float32)
     per_bin = np.empty(n_bins, np.int32)
     for g in range(n_rows):
@@ -113,14 +113,15 @@ def _bin_tables(thresholds: np.ndarray) -> tuple:
             per_bin[:] = 0
             for j in range(n_thresholds):
                 per_bin[_bin(keys[j], low[g], scale[g], n_bins)] += 1
-            usable[g] = per_bin.max() <= MAX_BIN_THRESHOLDS
-            if usable[g]:
+            most = per_bin.max()
+            depth[g] = most if most <= MAX_BIN_THRESHOLDS else 0
+            if depth[g]:
                 break
         total = 0
         for b in range(n_bins):
             before[g, b] = total
             total += per_bin[b]
-    return by_bits, low, scale, before, padded, usable
+    return by_bits, low, scale, before, padded, depth
 
 
 @_jit
@@ -144,15 +145,15 @@ def _row_codes(x: np.ndarray, g: int, thresholds: np.ndarray, tables: tuple, cou
             for k in range(n):
                 count[k] += x[k] > t
         return
-    by_bits, low, scale, before, padded, usable = tables
-    if usable[g]:
+    by_bits, low, scale, before, padded, depth = tables
+    if depth[g]:
         # separate passes, each of which vectorises: the bin's first threshold, then comparisons
         n_bins, bin_starts, candidates = before.shape[1], before[g], padded[g]
         keys = _bit_keys(x, np.empty(n, np.float32)) if by_bits[g] else x
         for k in range(n):
             count[k] = bin_starts[_bin(keys[k], low[g], scale[g], n_bins)]
         start = count.copy()
-        for j in range(MAX_BIN_THRESHOLDS):
+        for j in range(depth[g]):  # as many as the fullest bin holds: 1 in 94-100% of fitted rows, not 4
             for k in range(n):
                 count[k] += x[k] > candidates[start[k] + j]
         return
@@ -292,9 +293,9 @@ def _backward_kernel(codes: np.ndarray, groups: np.ndarray, table: np.ndarray, r
 def _forward_parts(rows: np.ndarray, thresholds: np.ndarray, groups: np.ndarray, tables: tuple, table: np.ndarray,
                    q: np.ndarray, codes: np.ndarray, row_error: np.ndarray, deviations: np.ndarray, with_error: bool,
                    n_parts: int) -> None:
-    by_bits, low, scale, before, padded, usable = tables
+    by_bits, low, scale, before, padded, depth = tables
     for p in numba.prange(n_parts):
-        _forward_kernel(rows, thresholds, groups, (by_bits, low, scale, before, padded, usable), table, q, codes,
+        _forward_kernel(rows, thresholds, groups, (by_bits, low, scale, before, padded, depth), table, q, codes,
                         row_error, deviations, with_error, rows.shape[0] * p // n_parts,
                         rows.shape[0] * (p + 1) // n_parts)
 
@@ -452,7 +453,7 @@ def _check(rows: Tensor, groups: Tensor, table: Tensor, thresholds: Tensor | Non
 #: What :func:`_bin_tables` returns for rows of up to MAX_COUNTED_THRESHOLDS thresholds, which count
 #: instead: empty tables of its types.
 _NO_BIN_TABLES = (np.zeros(0, np.bool_), np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros((0, 0), np.int32),
-                  np.zeros((0, 0), np.float32), np.zeros(0, np.bool_))
+                  np.zeros((0, 0), np.float32), np.zeros(0, np.int32))
 
 
 def lookup_forward(thresholds: Tensor | None, groups: Tensor, table: Tensor, rows: Tensor,
