@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-#: Up to this many thresholds (64 levels) a row's codes are counted comparison by comparison
-#: (2.4 M weights: 1.4 ms at 16 levels, 4.8 ms at 64); above, by bins (5.0 ms whatever the levels).
-#: On AMD Zen 4, one thread, the whole forward of those weights: 2.7 ms at 16 levels, 6.3 at 64,
-#: 6.4 by bins.
-MAX_COUNTED_THRESHOLDS = 63
+#: Up to this many thresholds (32 levels) a row's codes are counted comparison by comparison;
+#: above, by bins. The whole forward of 2.4 M weights, one thread, AMD Zen 4: counted 2.7 ms at
+#: 16 levels, 6.3 at 64; by bins 5.2-5.3 at 64-256 levels. (On the first machine, the counts
+#: alone: 1.4 ms at 16 levels, 4.8 at 64, and the bins 5.0 whatever the levels.)
+MAX_COUNTED_THRESHOLDS = 31
 #: Up to this many thresholds (8 levels) the forward finds each weight's level along with its code,
 #: one select per threshold, instead of reading it from the table by code afterwards (a gather):
 #: all of resnet34's conv weights at 2 / 4 / 8 levels take 6.5 / 8.8 / 14.2 ms instead of 11.3 /
@@ -155,15 +155,26 @@ def _row_codes(x: np.ndarray, g: int, thresholds: np.ndarray, tables: tuple, cod
         for k in range(n):  # the bins, in a pass that vectorises
             work[k] = _bin(keys[k], low[g], scale[g], n_bins)
         # Then the comparisons with the bin's thresholds (as many as the fullest bin holds: 1 in
-        # 94-100% of fitted rows), weight by weight: the inner loop keeps LLVM from vectorising
-        # this pass, whose table reads would become gathers, three times slower than scalar reads
-        # on AMD Zen 4 (2.4 M weights at 256 levels: 7 against 19 ms, one thread).
-        for k in range(n):
-            first = bin_starts[work[k]]
-            found = first
-            for j in range(n_compared):
-                found += x[k] > candidates[first + j]
-            code[k] = found
+        # 94-100% of fitted rows), weight by weight. Not vectorised on purpose: the table reads
+        # would become gathers, three times slower than scalar reads on AMD Zen 4 (2.4 M weights
+        # at 256 levels, one thread: 19 ms vectorised, 6.4 with the inner loop below, 5.3 with
+        # the exit, which is never taken, as codes stay below 256, but which LLVM does not vectorise).
+        if n_compared == 1:
+            k = 0
+            while k < n:
+                first = bin_starts[work[k]]
+                found = first + (x[k] > candidates[first])
+                code[k] = found
+                if found > 255:
+                    break
+                k += 1
+        else:
+            for k in range(n):
+                first = bin_starts[work[k]]
+                found = first
+                for j in range(n_compared):
+                    found += x[k] > candidates[first + j]
+                code[k] = found
         return
     size = 1
     while size <= n_thresholds:
