@@ -59,9 +59,8 @@ MAX_BIN_THRESHOLDS = 4
 #: numbers, whose bit patterns grow linearly rather than by octaves, normal.
 LIFT = np.float32(2.0**64)
 #: Partial sums per level in the backward: consecutive weights of one level would otherwise wait
-#: on each other's addition (1-bit layers: 3.0 -> 1.2 ms for 2.4 M weights with 4; 256 levels,
-#: one thread, AMD Zen 4: 3.4 -> 2.7 ms with 8 instead of 4, 16 KiB of sums per row).
-_LANES = 8
+#: on each other's addition (1-bit layers: 3.0 -> 1.2 ms for 2.4 M weights).
+_LANES = 4
 
 _jit = functools.partial(numba.njit, cache=True, nogil=True, boundscheck=False)
 
