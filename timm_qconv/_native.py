@@ -417,9 +417,10 @@ def _run(kernel: Callable[..., None], parts: Callable[..., None], n_rows: int, n
     convolution while they spin (8 bits: 1.19-1.29x the float step against 1.35-1.41). Numba's
     OpenMP layer links the system's libgomp; where the PyTorch wheel bundles its own
     (``torch/lib/libgomp.so.1``, as the 2.14.1 wheels do) two OpenMP runtimes share the cores, and
-    in a resnet34 training step the kernels take about 1.6x their time alone, probably for that
-    reason (2 bits: 36 against 22 ms a step; Numba's ``workqueue`` layer and one thread were
-    slower still). Three things about it are handled here. Starting it resets the thread count PyTorch reads, which is
+    in a resnet34 training step the kernels take 1.3-1.6x their time alone (2 bits: 28-36 against
+    22 ms a step), about half of which goes when both use PyTorch's runtime (``LD_PRELOAD`` of
+    its libgomp: 24-25 ms); Numba's ``workqueue`` layer and one thread were slower still. Three
+    things about it are handled here. Starting it resets the thread count PyTorch reads, which is
     put back. Its OpenMP layer terminates a forked child that uses it once the parent has ("fork()
     called from a process already using GNU OpenMP"), so such a child runs the kernels in one
     thread. Its ``workqueue`` layer (where OpenMP is missing) is not safe from several threads at
