@@ -35,7 +35,7 @@ from torch import Tensor
 
 #: Up to this many thresholds (32 levels) a row's codes are counted comparison by comparison;
 #: above, by bins. The whole forward of 2.4 M weights, one thread, AMD Zen 4: counted 2.7 ms at
-#: 16 levels, 6.3 at 64; by bins 5.2-5.3 at 64-256 levels. (On the first machine, the counts
+#: 16 levels, 6.3 at 64; by bins 5.8-5.9 at 64-256 levels. (On the first machine, the counts
 #: alone: 1.4 ms at 16 levels, 4.8 at 64, and the bins 5.0 whatever the levels.)
 MAX_COUNTED_THRESHOLDS = 31
 #: Up to this many thresholds (8 levels) the forward finds each weight's level along with its code,
@@ -157,7 +157,7 @@ def _row_codes(x: np.ndarray, g: int, thresholds: np.ndarray, tables: tuple, cod
         # Then the comparisons with the bin's thresholds (as many as the fullest bin holds: 1 in
         # 94-100% of fitted rows), weight by weight. Not vectorised on purpose: the table reads
         # would become gathers, three times slower than scalar reads on AMD Zen 4 (2.4 M weights
-        # at 256 levels, one thread: 19 ms vectorised, 6.4 with the inner loop below, 5.3 with
+        # at 256 levels, one thread: 19-22 ms vectorised, 6.4 with the inner loop below, 5.3-5.8 with
         # the exit, which is never taken, as codes stay below 256, but which LLVM does not vectorise).
         if n_compared == 1:
             k = 0
