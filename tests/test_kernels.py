@@ -685,8 +685,8 @@ def test_numba_bins_by_bit_pattern_serve_log_levels_down_to_subnormals(scale):
     magnitudes = 2.0 ** -torch.arange(127, dtype=torch.float32)
     table = scale * torch.tensor([[0.6], [1.0], [1.4]]) * torch.cat([-magnitudes, torch.zeros(1), magnitudes.flip(0)])
     thresholds = (table[:, 1:] + table[:, :-1]) / 2
-    by_bits, *_, usable = native._bin_tables(thresholds.numpy())
-    assert by_bits.all() and usable.all(), f"scale {scale}: bins by bit pattern {by_bits}, usable {usable}"
+    by_bits, *_, depth = native._bin_tables(thresholds.numpy())
+    assert by_bits.all() and depth.all(), f"scale {scale}: bins by bit pattern {by_bits}, comparisons per bin {depth}"
     groups = torch.tensor([0, 1, 2])
     rows = torch.randn(3, 2000, generator=torch.Generator().manual_seed(0)) * scale
     rows[:, : thresholds.shape[1]] = thresholds  # on every threshold, subnormal ones included
