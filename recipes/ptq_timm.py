@@ -24,7 +24,7 @@ from typing import Any
 import safetensors.torch
 import timm
 import torch
-from resnet34_q import TimmConfig, create_model, evaluate, new_accelerator, option, parse_args, print_table
+from resnet34_q import PRECISIONS, TimmConfig, create_model, evaluate, new_accelerator, option, parse_args, print_table
 from timm.data import create_dataset, create_loader, resolve_data_config
 from torch import nn
 from torch.utils.data import DataLoader
@@ -59,6 +59,8 @@ class PTQConfig:
     calibration: str = option("", "dataset name or image folder to calibrate on (default: the evaluation data's)")
     batch_size: int = option(256, "evaluation batch size")
     output_dir: str = option("runs/ptq_timm", "where results, exports and the chart go")
+    mixed_precision: str = option("", "autocast of the evaluations: no, bf16 or fp16 (default: "
+                                      "accelerate launch's --mixed_precision, else no)")
 
     def __post_init__(self) -> None:
         if not self.bits or not all(isinstance(b, int) and 1 <= b <= 8 for b in self.bits):
@@ -70,6 +72,8 @@ class PTQConfig:
         for name in ("n_functions", "iters", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} is not allowed; expected >= 1")
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(f"--mixed-precision {self.mixed_precision!r} is not allowed; expected no, bf16 or fp16")
         if self.num_classes < 0 or self.eval_samples < 0 or self.calibration_samples < 0:
             raise ValueError("--num-classes, --eval-samples and --calibration-samples must be >= 0")
 
@@ -135,7 +139,7 @@ def test_loader(cfg: PTQConfig, dataset: str, model: nn.Module) -> DataLoader | 
 
 
 def main(cfg: PTQConfig) -> dict[str, Any]:
-    accelerator = new_accelerator()
+    accelerator = new_accelerator(cfg.mixed_precision)
     if cfg.from_run:
         model, dataset = model_from_run(Path(cfg.from_run))
         dataset = cfg.dataset or dataset

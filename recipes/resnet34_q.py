@@ -3,6 +3,7 @@
     python recipes/resnet34_q.py                                              # one process: CPU or one GPU
     accelerate launch --multi_gpu --num_processes 2 recipes/resnet34_q.py     # two processes (GPUs, or gloo on CPU)
     python recipes/resnet34_q.py --model resnet18 --dataset fashion-mnist --bits 4 2
+    python recipes/resnet34_q.py --mixed-precision bf16                       # GPUs, and CPUs with AVX-512 BF16
     python recipes/resnet34_q.py --config my_run.yaml                         # same keys as the flags
     python recipes/resnet34_q.py --output-dir runs/resnet34_q --resume        # continue every run exactly
 
@@ -46,6 +47,7 @@ from timm_qconv.datasets import DatasetInfo, DatasetNotFoundError, ImageTensors,
 from timm_qconv.plots import plot_accuracy_per_epoch, plot_accuracy_vs_bits, plot_levels_over_weights
 
 MODES = ("all", "float", "ptq", "qat")
+PRECISIONS = ("", "no", "bf16", "fp16")  # "": accelerate's own setting
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -94,6 +96,8 @@ class Config:
     seed: int = option(0, "random seed (weights, data order, augmentation)")
     num_workers: int = option(2, "dataloader workers per process")
     channels_last: bool = option(False, "keep images and weights channels-last (faster convolutions)")
+    mixed_precision: str = option("", "autocast of training and evaluation: no, bf16 or fp16 (default: "
+                                      "accelerate launch's --mixed_precision, else no)")
 
     def __post_init__(self) -> None:
         self.ptq_bits, self.qat_bits = self.ptq_bits or list(self.bits), self.qat_bits or list(self.bits)
@@ -104,9 +108,10 @@ class Config:
                   "qat_lr": self.qat_lr > 0, "train_subset": self.train_subset >= 0, "ptq_iters": self.ptq_iters >= 1,
                   "num_workers": self.num_workers >= 0, "layers": set(self.layers.split(",")) <= {"conv", "linear"},
                   "level_lr_scale": self.level_lr_scale >= 0, "distill_weight": 0 <= self.distill_weight <= 1,
-                  "distill_temperature": self.distill_temperature > 0}
+                  "distill_temperature": self.distill_temperature > 0,
+                  "mixed_precision": self.mixed_precision in PRECISIONS}
         allowed = {"bits": "1..8 (one or more)", "layers": "conv, linear or conv,linear", "distill_weight": "0..1",
-                   "level_lr_scale": ">= 0"}
+                   "level_lr_scale": ">= 0", "mixed_precision": "no, bf16 or fp16"}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not allowed; expected "
@@ -179,20 +184,23 @@ def create_model(cfg: TimmConfig, info: DatasetInfo) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- training and evaluation
-def new_accelerator() -> Accelerator:
+def new_accelerator(mixed_precision: str = "") -> Accelerator:
     # One per training run, so that each checkpoint holds that run's model and optimizer only.
     # Without a GPU, cpu=True lets `accelerate launch --multi_gpu` run DDP over gloo.
-    return Accelerator(cpu=not torch.cuda.is_available(),
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision or None,
                        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, desc: str) -> float:
-    """Top-1 accuracy over the whole test set, the same on every process (no padded duplicates)."""
+    """Top-1 accuracy over the whole test set, the same on every process (no padded duplicates);
+    under the run's autocast, for prepared models and the others (PTQ's) alike."""
     model.eval()
     correct = total = 0
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
-        predictions, labels = accelerator.gather_for_metrics((model(images).argmax(-1), labels))
+        with accelerator.autocast():
+            logits = model(images)
+        predictions, labels = accelerator.gather_for_metrics((logits.argmax(-1), labels))
         correct += int((predictions == labels).sum())
         total += labels.numel()
     model.train()
@@ -240,7 +248,7 @@ def train(cfg: Config, run: str, model: nn.Module, data: tuple[ImageTensors, Ima
 
     Returns the trained model (unwrapped), its test accuracy, and the run's accelerator and test loader.
     """
-    accelerator = new_accelerator()
+    accelerator = new_accelerator(cfg.mixed_precision)
     callbacks = [] if n_bits is None else [HashLossCallback(  # QAT
         method=cfg.method, n_bits=n_bits, n_functions=cfg.n_functions, layers=tuple(cfg.layers.split(",")),
         skip_first_last=cfg.skip_first_last, loss_weight=cfg.hash_weight, warmup_steps=cfg.warmup_steps,
@@ -348,7 +356,7 @@ def first_groups(layers: list[tuple[str, torch.Tensor, Any]]) -> list[tuple[str,
 def run_all(cfg: Config, build_model: Callable[[Config, DatasetInfo], nn.Module]) -> dict[str, Any]:
     """Every run ``cfg.mode`` asks for; writes the outputs; returns the results."""
     set_seed(cfg.seed)
-    accelerator = new_accelerator()
+    accelerator = new_accelerator(cfg.mixed_precision)
     with accelerator.main_process_first():  # the main process downloads, the others then read
         try:
             train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir or None)

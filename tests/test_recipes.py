@@ -211,6 +211,18 @@ def test_each_qat_option_changes_the_qat_run_and_binds_its_checkpoint(flags, rec
         f"resuming without {flags} must refuse, naming the option: {proc.stderr[-1000:]}"
 
 
+def test_mixed_precision_trains_and_evaluates_under_autocast(lenet_run, fashion_dir, tmp_path):
+    out = tmp_path / "bf16"
+    run("lenet_q.py", "--data-dir", str(fashion_dir), "--epochs", "2", "--qat-epochs", "1", "--bits", "4", "2",
+        "--mixed-precision", "bf16", "--output-dir", str(out), *TINY)
+    final = results(out)["final"]
+    assert results(out)["config"]["mixed_precision"] == "bf16"
+    assert set(final) == set(results(lenet_run)["final"]) and all(0 <= r["accuracy"] <= 1 for r in final.values())
+    plain, autocast = (load_file(d / "float" / "model.safetensors") for d in (lenet_run, out))
+    assert any(not torch.equal(plain[k], autocast[k]) for k in plain), \
+        "the same run in bfloat16 autocast must train other float weights than in float32"
+
+
 def test_resnet_recipe_on_cifar_then_ptq_recipe_from_its_output(cifar_dir, tmp_path):
     import timm
 
@@ -265,6 +277,7 @@ def test_ptq_recipe_on_an_image_folder_calibrated(tmp_path):
     (["--distill-weight", "1.5"], "--distill-weight"),
     (["--distill-temperature", "0"], "--distill-temperature"),
     (["--level-lr-scale", "-1"], "--level-lr-scale"),
+    (["--mixed-precision", "fp8"], "--mixed-precision"),
 ])
 def test_bad_flags_are_one_clear_error(flags, message, capsys):
     sys.path.insert(0, str(RECIPES))
