@@ -187,6 +187,9 @@ def create_model(cfg: TimmConfig, info: DatasetInfo) -> nn.Module:
 def new_accelerator(mixed_precision: str = "") -> Accelerator:
     # One per training run, so that each checkpoint holds that run's model and optimizer only.
     # Without a GPU, cpu=True lets `accelerate launch --multi_gpu` run DDP over gloo.
+    if mixed_precision == "fp16" and not torch.cuda.is_available():  # Accelerate would train in float32 silently
+        raise SystemExit("error: --mixed-precision fp16 needs a GPU: on a CPU Accelerate autocasts to bfloat16 only; "
+                         "pass --mixed-precision bf16")
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision or None,
                        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
 

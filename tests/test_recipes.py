@@ -221,6 +221,11 @@ def test_mixed_precision_trains_and_evaluates_under_autocast(lenet_run, fashion_
     plain, autocast = (load_file(d / "float" / "model.safetensors") for d in (lenet_run, out))
     assert any(not torch.equal(plain[k], autocast[k]) for k in plain), \
         "the same run in bfloat16 autocast must train other float weights than in float32"
+    if not torch.cuda.is_available():  # Accelerate has no float16 autocast on a CPU: refused, not ignored
+        proc = run("lenet_q.py", "--data-dir", str(fashion_dir), "--mixed-precision", "fp16",
+                   "--output-dir", str(tmp_path / "fp16"), *TINY, expect_ok=False)
+        assert proc.returncode != 0 and "--mixed-precision fp16 needs a GPU" in proc.stderr, proc.stderr[-1000:]
+        assert not (tmp_path / "fp16").exists()
 
 
 def test_resnet_recipe_on_cifar_then_ptq_recipe_from_its_output(cifar_dir, tmp_path):
