@@ -59,8 +59,8 @@ class PTQConfig:
     calibration: str = option("", "dataset name or image folder to calibrate on (default: the evaluation data's)")
     batch_size: int = option(256, "evaluation batch size")
     output_dir: str = option("runs/ptq_timm", "where results, exports and the chart go")
-    mixed_precision: str = option("", "autocast of the evaluations: no, bf16 or fp16 (default: "
-                                      "accelerate launch's --mixed_precision, else no)")
+    mixed_precision: str = option("", "autocast of the evaluations: no, bf16 or fp16 (GPUs only) "
+                                      "(default: accelerate launch's --mixed_precision, else no)")
 
     def __post_init__(self) -> None:
         if not self.bits or not all(isinstance(b, int) and 1 <= b <= 8 for b in self.bits):

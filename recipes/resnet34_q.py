@@ -96,8 +96,8 @@ class Config:
     seed: int = option(0, "random seed (weights, data order, augmentation)")
     num_workers: int = option(2, "dataloader workers per process")
     channels_last: bool = option(False, "keep images and weights channels-last (faster convolutions)")
-    mixed_precision: str = option("", "autocast of training and evaluation: no, bf16 or fp16 (default: "
-                                      "accelerate launch's --mixed_precision, else no)")
+    mixed_precision: str = option("", "autocast of training and evaluation: no, bf16 or fp16 (GPUs only) "
+                                      "(default: accelerate launch's --mixed_precision, else no)")
 
     def __post_init__(self) -> None:
         self.ptq_bits, self.qat_bits = self.ptq_bits or list(self.bits), self.qat_bits or list(self.bits)
@@ -187,11 +187,12 @@ def create_model(cfg: TimmConfig, info: DatasetInfo) -> nn.Module:
 def new_accelerator(mixed_precision: str = "") -> Accelerator:
     # One per training run, so that each checkpoint holds that run's model and optimizer only.
     # Without a GPU, cpu=True lets `accelerate launch --multi_gpu` run DDP over gloo.
-    if mixed_precision == "fp16" and not torch.cuda.is_available():  # Accelerate would train in float32 silently
-        raise SystemExit("error: --mixed-precision fp16 needs a GPU: on a CPU Accelerate autocasts to bfloat16 only; "
-                         "pass --mixed-precision bf16")
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision or None,
-                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision or None,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # else float32, silently
+        raise SystemExit("error: --mixed-precision fp16 (or accelerate launch --mixed_precision fp16) needs a GPU: "
+                         "on a CPU Accelerate autocasts to bfloat16 only; use bf16")
+    return accelerator
 
 
 @torch.no_grad()
