@@ -140,6 +140,7 @@ def test_loader(cfg: PTQConfig, dataset: str, model: nn.Module) -> DataLoader | 
 
 def main(cfg: PTQConfig) -> dict[str, Any]:
     accelerator = new_accelerator(cfg.mixed_precision)
+    cfg.mixed_precision = accelerator.mixed_precision  # the setting in force (flag or launcher), as results.json says
     if cfg.from_run:
         model, dataset = model_from_run(Path(cfg.from_run))
         dataset = cfg.dataset or dataset

@@ -361,6 +361,7 @@ def run_all(cfg: Config, build_model: Callable[[Config, DatasetInfo], nn.Module]
     """Every run ``cfg.mode`` asks for; writes the outputs; returns the results."""
     set_seed(cfg.seed)
     accelerator = new_accelerator(cfg.mixed_precision)
+    cfg.mixed_precision = accelerator.mixed_precision  # the setting in force (flag or launcher), as results.json says
     with accelerator.main_process_first():  # the main process downloads, the others then read
         try:
             train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir or None)

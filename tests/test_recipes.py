@@ -216,7 +216,8 @@ def test_mixed_precision_trains_and_evaluates_under_autocast(lenet_run, fashion_
     run("lenet_q.py", "--data-dir", str(fashion_dir), "--epochs", "2", "--qat-epochs", "1", "--bits", "4", "2",
         "--mixed-precision", "bf16", "--output-dir", str(out), *TINY)
     final = results(out)["final"]
-    assert results(out)["config"]["mixed_precision"] == "bf16"
+    assert [results(d)["config"]["mixed_precision"] for d in (out, lenet_run)] == ["bf16", "no"], \
+        "results.json records the precision in force"
     assert set(final) == set(results(lenet_run)["final"]) and all(0 <= r["accuracy"] <= 1 for r in final.values())
     plain, autocast = (load_file(d / "float" / "model.safetensors") for d in (lenet_run, out))
     assert any(not torch.equal(plain[k], autocast[k]) for k in plain), \
