@@ -696,6 +696,35 @@ def test_numba_bins_by_bit_pattern_serve_log_levels_down_to_subnormals(scale):
     assert torch.equal(numba_codes(thresholds, rows, groups).long(), expected), f"scale {scale}: codes differ"
 
 
+@pytest.mark.parametrize("n_bits", [6, 7])  # 63 and 127 thresholds (up to 31 are counted, not binned)
+@pytest.mark.parametrize("zero", ["none", "+0", "-0"])
+def test_numba_bit_pattern_bins_span_only_the_octaves_the_thresholds_use(n_bits, zero):
+    # log at 6-7 bits: 31-63 octaves of levels, where the float32 magnitudes below them span about
+    # a hundred more: the bins must cover the thresholds' octaves only, one threshold in each, and
+    # stay exact for zeros of both signs, values between the two smallest thresholds, and the
+    # neighbours of every threshold
+    native = kernels._native_module()
+    magnitudes = 2.0 ** -torch.arange(2 ** (n_bits - 1) - 1, dtype=torch.float32)
+    table = torch.tensor([[1.0], [3e-3]]) * torch.cat([-magnitudes, torch.zeros(1), magnitudes.flip(0)])
+    thresholds = (table[:, 1:] + table[:, :-1]) / 2
+    if zero != "none":  # a threshold at zero itself, the smallest magnitude there is
+        thresholds[:, thresholds.shape[1] // 2] = 0.0 if zero == "+0" else -0.0
+    by_bits, *_, depth = native._bin_tables(thresholds.numpy())
+    assert by_bits.all(), f"{n_bits} bits: bins by bit pattern not taken ({by_bits})"
+    if zero == "none":
+        assert (depth == 1).all(), f"{n_bits} bits: up to {depth.max()} thresholds in one bin, expected one"
+    else:
+        assert depth.all(), f"{n_bits} bits, a threshold at {zero}: bins declined"
+    up, down = (torch.nextafter(thresholds, torch.tensor(v)) for v in (float("inf"), -float("inf")))
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-30, -1e-30, float("nan"), float("inf"), -float("inf")])
+    rows = torch.cat([thresholds, up, down, special.expand(2, -1),
+                      torch.randn(2, 500, generator=torch.Generator().manual_seed(n_bits)) * 1e-3], 1).contiguous()
+    expected = torch.searchsorted(thresholds.contiguous(), rows)
+    expected[rows.isnan()] = 0
+    got = numba_codes(thresholds.contiguous(), rows, torch.tensor([0, 1])).long()
+    assert torch.equal(got, expected), f"{n_bits} bits, {zero}: {int((got != expected).sum())} codes differ"
+
+
 def test_numba_kernels_refuse_shapes_that_would_index_out_of_bounds():
     native = kernels._native_module()
     rows, table = torch.randn(8, 20), torch.sort(torch.randn(2, 4), 1).values

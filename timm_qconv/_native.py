@@ -54,10 +54,12 @@ MAX_MASKED_LEVELS = 4
 #: bin (log's, halving towards zero), equal in bit pattern (:func:`_bit_keys`); rows crowded both
 #: ways take a branchless binary search (9.3 ms at 256 levels).
 BINS_PER_THRESHOLD = 4
-MAX_BIN_THRESHOLDS = 4
+MAX_BIN_THRESHOLDS = 4  # _row_codes compares with up to four, one unswitched loop per depth
 #: Bit-pattern keys are taken of ``x * LIFT``: exact (a power of two) and it makes subnormal
 #: numbers, whose bit patterns grow linearly rather than by octaves, normal.
 LIFT = np.float32(2.0**64)
+#: The width of one octave of float32 magnitudes in bit-pattern keys (the mantissa's 23 bits).
+OCTAVE = 1 << 23
 #: Partial sums per level in the backward: consecutive weights of one level would otherwise wait
 #: on each other's addition (1-bit layers: 3.0 -> 1.2 ms for 2.4 M weights).
 _LANES = 4
@@ -66,17 +68,24 @@ _jit = functools.partial(numba.njit, cache=True, nogil=True, boundscheck=False)
 
 
 @_jit
-def _bit_keys(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+def _bit_keys(x: np.ndarray, out: np.ndarray, floor: int) -> np.ndarray:
     """A non-decreasing map of float32 ``x`` into ``out`` that spaces values by bit pattern, so that
     every octave of magnitude spans the same width: the magnitude's bits (of ``x * LIFT``) read as
-    an integer, with ``x``'s sign. NaN goes with -inf, below every threshold."""
+    an integer, with ``x``'s sign. NaN goes with -inf, below every threshold.
+
+    Magnitudes whose bits are below ``floor`` (at least 1, so both zeros) all map to 0, and those
+    at or above it start an octave's width (``OCTAVE``) away from 0. With ``floor`` at the smallest
+    threshold's, the bins span the octaves the thresholds use, not the hundred or so below them
+    as well (log's 63 thresholds at 6 bits use 31 octaves: two in a bin without the floor, one
+    with it), and the smallest thresholds of either sign fall in bins of their own."""
     lifted = np.empty(x.shape[0], np.float32)
     for k in range(x.shape[0]):
         v = x[k]
         lifted[k] = -np.inf if v != v else v * LIFT
     bits = lifted.view(np.int32)
     for k in range(x.shape[0]):
-        magnitude = np.float32(bits[k] & 0x7FFFFFFF)  # int -> float32 rounds, monotonically
+        above = np.int64(bits[k] & 0x7FFFFFFF) - floor
+        magnitude = np.float32(above + OCTAVE if above >= 0 else 0)  # int -> float32 rounds, monotonically
         out[k] = -magnitude if bits[k] < 0 else magnitude
     return out
 
@@ -84,8 +93,9 @@ def _bit_keys(x: np.ndarray, out: np.ndarray) -> np.ndarray:
 @_jit
 def _bin_tables(thresholds: np.ndarray) -> tuple:
     """Per row ``g`` of ``thresholds`` (G, T), the tables of its bins: ``by_bits[g]``, whether they
-    are equal in bit pattern rather than in value; the first key and bins per unit of key (``low``,
-    ``scale``: a weight's bin is ``(key(w) - low) * scale``, clamped); the number of thresholds in
+    are equal in bit pattern rather than in value, and then the ``floor[g]`` of :func:`_bit_keys`;
+    the first key and bins per unit of key (``low``, ``scale``: a weight's bin is
+    ``(key(w) - low) * scale``, clamped); the number of thresholds in
     the bins before each bin (``before``); the thresholds followed by ``MAX_BIN_THRESHOLDS``
     infinities (``padded``); and the most thresholds any bin holds (``depth``: the comparisons a
     weight needs), or 0 where a bin holds more than ``MAX_BIN_THRESHOLDS`` (the bins are not used).
@@ -101,13 +111,16 @@ def _bin_tables(thresholds: np.ndarray) -> tuple:
     before = np.zeros((n_rows, n_bins), np.int32)
     padded = np.full((n_rows, n_thresholds + MAX_BIN_THRESHOLDS), np.inf, np.float32)
     depth, by_bits = np.zeros(n_rows, np.int32), np.zeros(n_rows, np.bool_)
+    floor = np.ones(n_rows, np.int32)
     keys = np.empty(n_thresholds, np.float32)
     per_bin = np.empty(n_bins, np.int32)
     for g in range(n_rows):
         row = thresholds[g]
         padded[g, :n_thresholds] = row
         for attempt in range(2):  # in value, then by bit pattern
-            keys[:] = row if attempt == 0 else _bit_keys(row, keys)
+            if attempt == 1:
+                floor[g] = _smallest_magnitude_bits(row)
+            keys[:] = row if attempt == 0 else _bit_keys(row, keys, floor[g])
             by_bits[g] = attempt == 1
             low[g] = keys[0]
             ratio = np.float32(n_bins) / (keys[n_thresholds - 1] - keys[0])
@@ -123,7 +136,17 @@ def _bin_tables(thresholds: np.ndarray) -> tuple:
         for b in range(n_bins):
             before[g, b] = total
             total += per_bin[b]
-    return by_bits, low, scale, before, padded, depth
+    return by_bits, floor, low, scale, before, padded, depth
+
+
+@_jit
+def _smallest_magnitude_bits(row: np.ndarray) -> int:
+    """The least magnitude bits (of ``x * LIFT``) among the non-NaN values of ``row``, at least 1."""
+    lifted = np.empty(row.shape[0], np.float32)
+    for j in range(row.shape[0]):
+        v = row[j]
+        lifted[j] = np.abs(v * LIFT) if v == v else np.inf
+    return max(lifted.view(np.int32).min(), 1)
 
 
 @_jit
@@ -148,33 +171,28 @@ def _row_codes(x: np.ndarray, g: int, thresholds: np.ndarray, tables: tuple, cod
             for k in range(n):
                 code[k] += np.uint8(x[k] > t)
         return
-    by_bits, low, scale, before, padded, depth = tables
+    by_bits, floor, low, scale, before, padded, depth = tables
     if depth[g]:
         n_bins, bin_starts, candidates, n_compared = before.shape[1], before[g], padded[g], depth[g]
-        keys = _bit_keys(x, np.empty(n, np.float32)) if by_bits[g] else x
+        keys = _bit_keys(x, np.empty(n, np.float32), floor[g]) if by_bits[g] else x
         for k in range(n):  # the bins, in a pass that vectorises
             work[k] = _bin(keys[k], low[g], scale[g], n_bins)
-        # Then the comparisons with the bin's thresholds (as many as the fullest bin holds: 1 in
-        # 94-100% of fitted rows), weight by weight. Not vectorised on purpose: the table reads
-        # would become gathers, three times slower than scalar reads on AMD Zen 4 (2.4 M weights
-        # at 256 levels, one thread: 19-22 ms vectorised, 6.4 with the inner loop below, 5.3-5.8 with
-        # the exit, which is never taken, as codes stay below 256, but which LLVM does not vectorise).
-        if n_compared == 1:
-            k = 0
-            while k < n:
-                first = bin_starts[work[k]]
-                found = first + (x[k] > candidates[first])
-                code[k] = found
-                if found > 255:
-                    break
-                k += 1
-        else:
-            for k in range(n):
-                first = bin_starts[work[k]]
-                found = first
-                for j in range(n_compared):
-                    found += x[k] > candidates[first + j]
-                code[k] = found
+        # Then the comparisons with the bin's thresholds: as many as the fullest bin holds, 1 in
+        # 94-100% of fitted rows. The table reads take unsigned indexes: a signed one makes Numba
+        # test it for a negative value to wrap around, and the reads of one weight then cost more
+        # than the comparison (all of resnet34's conv weights at 256 levels, one thread: 38 ms with
+        # signed indexes read weight by weight, 21 with unsigned ones, vectorised as gathers).
+        for k in range(n):  # LLVM unswitches the loop on the depth: one vectorised loop each
+            first = np.uint32(bin_starts[np.uint32(work[k])])
+            v = x[k]
+            found = first + np.uint32(v > candidates[first])
+            if n_compared > 1:
+                found += np.uint32(v > candidates[first + 1])
+            if n_compared > 2:
+                found += np.uint32(v > candidates[first + 2])
+            if n_compared > 3:
+                found += np.uint32(v > candidates[first + 3])
+            code[k] = found
         return
     size = 1
     while size <= n_thresholds:
@@ -186,7 +204,7 @@ def _row_codes(x: np.ndarray, g: int, thresholds: np.ndarray, tables: tuple, cod
     while step > 0:  # a branchless binary search: every weight takes the same steps, which vectorise
         for k in range(n):
             i = work[k]
-            work[k] = i + step * (x[k] > padded_row[i + step - 1])
+            work[k] = i + step * (x[k] > padded_row[np.uint32(i + step - 1)])
         step >>= 1
     for k in range(n):
         code[k] = work[k]
@@ -311,9 +329,9 @@ def _backward_kernel(codes: np.ndarray, groups: np.ndarray, table: np.ndarray, r
 def _forward_parts(rows: np.ndarray, thresholds: np.ndarray, groups: np.ndarray, tables: tuple, table: np.ndarray,
                    q: np.ndarray, codes: np.ndarray, row_error: np.ndarray, deviations: np.ndarray, with_error: bool,
                    n_parts: int) -> None:
-    by_bits, low, scale, before, padded, depth = tables
+    by_bits, floor, low, scale, before, padded, depth = tables
     for p in numba.prange(n_parts):
-        _forward_kernel(rows, thresholds, groups, (by_bits, low, scale, before, padded, depth), table, q, codes,
+        _forward_kernel(rows, thresholds, groups, (by_bits, floor, low, scale, before, padded, depth), table, q, codes,
                         row_error, deviations, with_error, rows.shape[0] * p // n_parts,
                         rows.shape[0] * (p + 1) // n_parts)
 
@@ -474,8 +492,8 @@ def _check(rows: Tensor, groups: Tensor, table: Tensor, thresholds: Tensor | Non
 
 #: What :func:`_bin_tables` returns for rows of up to MAX_COUNTED_THRESHOLDS thresholds, which count
 #: instead: empty tables of its types.
-_NO_BIN_TABLES = (np.zeros(0, np.bool_), np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros((0, 0), np.int32),
-                  np.zeros((0, 0), np.float32), np.zeros(0, np.int32))
+_NO_BIN_TABLES = (np.zeros(0, np.bool_), np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.float32),
+                  np.zeros((0, 0), np.int32), np.zeros((0, 0), np.float32), np.zeros(0, np.int32))
 
 
 def lookup_forward(thresholds: Tensor | None, groups: Tensor, table: Tensor, rows: Tensor,
