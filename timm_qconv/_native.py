@@ -159,9 +159,12 @@ def _bin(x: float, low: float, scale: float, n_bins: int) -> int:
 
 @_jit
 def _row_codes(x: np.ndarray, g: int, thresholds: np.ndarray, tables: tuple, code: np.ndarray,
-               work: np.ndarray) -> None:
+               work: np.ndarray, levels: np.ndarray, q_row: np.ndarray) -> bool:
     """Codes of the weights ``x`` (K,) for row ``g`` of the ascending ``thresholds`` (G, T), into
-    uint8 ``code`` (K,), with int32 ``work`` (K,) as scratch; ``tables`` are :func:`_bin_tables`'s."""
+    uint8 ``code`` (K,), with int32 ``work`` (K,) as scratch; ``tables`` are :func:`_bin_tables`'s.
+    Where the bins serve the row, the weights' ``levels`` go into ``q_row`` in the same pass (one
+    read of the codes less: 33 -> 29 ms for resnet34's conv weights at 64 levels, one thread), and
+    it returns True; otherwise the caller reads them by code."""
     n_thresholds, n = thresholds.shape[1], x.shape[0]
     row = thresholds[g]
     if n_thresholds <= MAX_COUNTED_THRESHOLDS:
@@ -170,7 +173,7 @@ def _row_codes(x: np.ndarray, g: int, thresholds: np.ndarray, tables: tuple, cod
             t = row[j]
             for k in range(n):
                 code[k] += np.uint8(x[k] > t)
-        return
+        return False
     by_bits, floor, low, scale, before, padded, depth = tables
     if depth[g]:
         n_bins, bin_starts, candidates, n_compared = before.shape[1], before[g], padded[g], depth[g]
@@ -193,7 +196,8 @@ def _row_codes(x: np.ndarray, g: int, thresholds: np.ndarray, tables: tuple, cod
             if n_compared > 3:
                 found += np.uint32(v > candidates[first + 3])
             code[k] = found
-        return
+            q_row[k] = levels[found]
+        return True
     size = 1
     while size <= n_thresholds:
         size <<= 1
@@ -208,6 +212,7 @@ def _row_codes(x: np.ndarray, g: int, thresholds: np.ndarray, tables: tuple, cod
         step >>= 1
     for k in range(n):
         code[k] = work[k]
+    return False
 
 
 @_jit(fastmath=True)
@@ -289,8 +294,7 @@ def _forward_kernel(rows: np.ndarray, thresholds: np.ndarray, groups: np.ndarray
         x, levels, q_row, code_row = rows[c], table[groups[c]], q[c], codes[c]
         if thresholds.shape[1] <= MAX_SELECTED_THRESHOLDS:
             _row_select(x, thresholds[groups[c]], levels, q_row, code_row)
-        else:
-            _row_codes(x, groups[c], thresholds, tables, code_row, work)
+        elif not _row_codes(x, groups[c], thresholds, tables, code_row, work, levels, q_row):
             for k in range(x.shape[0]):
                 q_row[k] = levels[code_row[k]]
         if with_error and deviations.shape[0]:
