@@ -9,11 +9,12 @@ one row of weights at a time, each row's temporaries in the cache, in as many th
 PyTorch uses (:func:`_run`).
 
 A code is the number of the row's ascending thresholds strictly below the weight (ties go to
-the lower level, NaN to code 0), as :func:`timm_qconv._kernels.threshold_codes` defines it: up to
-:data:`MAX_COUNTED_THRESHOLDS` thresholds by counting comparisons, which vectorise (up to
-:data:`MAX_SELECTED_THRESHOLDS`, each comparison also selects the level); above, by bins
-equal in value or in bit pattern (:func:`_bin_tables`), or where the thresholds crowd into a bin
-both ways, by a branchless binary search.
+the lower level, NaN to code 0), as :func:`timm_qconv._kernels.threshold_codes` defines it: below
+:data:`MIN_BINNED_THRESHOLDS` thresholds by counting comparisons, which vectorise (up to
+:data:`MAX_SELECTED_THRESHOLDS`, each comparison also selects the level); from there, by bins
+equal in value (:func:`_bin_tables`), where the thresholds crowd such bins by counting up to
+:data:`MAX_COUNTED_THRESHOLDS` and above it by bins equal in bit pattern, or where the thresholds
+crowd into a bin both ways, by a branchless binary search.
 
 :mod:`timm_qconv._kernels` calls these in training and evaluation forwards of float32 CPU
 weights with up to 256 levels, outside ``torch.compile``, when Numba imports. The eager PyTorch
@@ -33,10 +34,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-#: Up to this many thresholds (32 levels) a row's codes are counted comparison by comparison;
-#: above, by bins. The whole forward of 2.4 M weights, one thread, AMD Zen 4: counted 2.7 ms at
-#: 16 levels, 6.3 at 64; by bins 5.8-5.9 at 64-256 levels. (On the first machine, the counts
-#: alone: 1.4 ms at 16 levels, 4.8 at 64, and the bins 5.0 whatever the levels.)
+#: Below MIN_BINNED_THRESHOLDS thresholds (16 levels) a row's codes are counted comparison by
+#: comparison; from there, by bins equal in value where they hold few thresholds each. Rows whose
+#: thresholds crowd such bins are counted up to MAX_COUNTED_THRESHOLDS (32 levels), and above it
+#: binned by bit pattern, or searched. All of resnet34's conv weights, the whole forward, one
+#: thread, AMD Zen 4: at 16 levels counted 25.6-25.9 ms, binned 25.6-30.6; at 32 levels 34 / 28.4
+#: (kmeans), but 33.6 / 37.8 by bit pattern (log), which therefore counts there.
+MIN_BINNED_THRESHOLDS = 16
 MAX_COUNTED_THRESHOLDS = 31
 #: Up to this many thresholds (8 levels) the forward finds each weight's level along with its code,
 #: one select per threshold, instead of reading it from the table by code afterwards (a gather):
@@ -102,9 +106,10 @@ def _bin_tables(thresholds: np.ndarray) -> tuple:
 
     Exact, not approximate: thresholds take their bins through the same float32 operations as the
     weights, which are monotone, so a threshold in an earlier bin is below the weight and one in a
-    later bin is not. Empty tables for ``T <= MAX_COUNTED_THRESHOLDS``, which count instead."""
+    later bin is not. Empty tables for ``T < MIN_BINNED_THRESHOLDS``, which count instead, and
+    no bins by bit pattern up to ``MAX_COUNTED_THRESHOLDS`` (depth 0: counted too)."""
     n_rows, n_thresholds = thresholds.shape
-    if n_thresholds <= MAX_COUNTED_THRESHOLDS:
+    if n_thresholds < MIN_BINNED_THRESHOLDS:
         n_rows = 0
     n_bins = BINS_PER_THRESHOLD * (n_thresholds + 1)
     low, scale = np.zeros(n_rows, np.float32), np.zeros(n_rows, np.float32)
@@ -117,7 +122,8 @@ def _bin_tables(thresholds: np.ndarray) -> tuple:
     for g in range(n_rows):
         row = thresholds[g]
         padded[g, :n_thresholds] = row
-        for attempt in range(2):  # in value, then by bit pattern
+        attempts = 1 if n_thresholds <= MAX_COUNTED_THRESHOLDS else 2
+        for attempt in range(attempts):  # in value, then by bit pattern
             if attempt == 1:
                 floor[g] = _smallest_magnitude_bits(row)
             keys[:] = row if attempt == 0 else _bit_keys(row, keys, floor[g])
@@ -167,14 +173,14 @@ def _row_codes(x: np.ndarray, g: int, thresholds: np.ndarray, tables: tuple, cod
     it returns True; otherwise the caller reads them by code."""
     n_thresholds, n = thresholds.shape[1], x.shape[0]
     row = thresholds[g]
-    if n_thresholds <= MAX_COUNTED_THRESHOLDS:
+    by_bits, floor, low, scale, before, padded, depth = tables
+    if n_thresholds < MIN_BINNED_THRESHOLDS or (n_thresholds <= MAX_COUNTED_THRESHOLDS and not depth[g]):
         code[:] = 0
         for j in range(n_thresholds):  # counted in bytes: four times the lanes of int32 (1.5 against 2.8 ms)
             t = row[j]
             for k in range(n):
                 code[k] += np.uint8(x[k] > t)
         return False
-    by_bits, floor, low, scale, before, padded, depth = tables
     if depth[g]:
         n_bins, bin_starts, candidates, n_compared = before.shape[1], before[g], padded[g], depth[g]
         keys = _bit_keys(x, np.empty(n, np.float32), floor[g]) if by_bits[g] else x
@@ -516,7 +522,7 @@ def _check(rows: Tensor, groups: Tensor, table: Tensor, thresholds: Tensor | Non
         raise ValueError("timm_qconv kernels: " + "; ".join(problems))
 
 
-#: What :func:`_bin_tables` returns for rows of up to MAX_COUNTED_THRESHOLDS thresholds, which count
+#: What :func:`_bin_tables` returns for rows of fewer than MIN_BINNED_THRESHOLDS thresholds, which count
 #: instead: empty tables of its types.
 _NO_BIN_TABLES = (np.zeros(0, np.bool_), np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.float32),
                   np.zeros((0, 0), np.int32), np.zeros((0, 0), np.float32), np.zeros(0, np.int32))
@@ -536,7 +542,7 @@ def lookup_forward(thresholds: Tensor | None, groups: Tensor, table: Tensor, row
         thresholds_ = _midpoints(table_, np.empty((table_.shape[0], table_.shape[1] - 1), np.float32))
     else:
         thresholds_ = _array(thresholds)
-    tables = _bin_tables(thresholds_) if thresholds_.shape[1] > MAX_COUNTED_THRESHOLDS else _NO_BIN_TABLES
+    tables = _bin_tables(thresholds_) if thresholds_.shape[1] >= MIN_BINNED_THRESHOLDS else _NO_BIN_TABLES
     q = torch.empty_like(rows)
     out_codes = torch.empty(rows.shape, dtype=torch.uint8)
     row_error = torch.empty(rows.shape[0] if with_error else 0)
