@@ -119,11 +119,11 @@ def _bin_tables(thresholds: np.ndarray) -> tuple:
     floor = np.ones(n_rows, np.int32)
     keys = np.empty(n_thresholds, np.float32)
     per_bin = np.empty(n_bins, np.int32)
+    attempts = 1 if n_thresholds <= MAX_COUNTED_THRESHOLDS else 2  # in value; above, by bit pattern too
     for g in range(n_rows):
         row = thresholds[g]
         padded[g, :n_thresholds] = row
-        attempts = 1 if n_thresholds <= MAX_COUNTED_THRESHOLDS else 2
-        for attempt in range(attempts):  # in value, then by bit pattern
+        for attempt in range(attempts):
             if attempt == 1:
                 floor[g] = _smallest_magnitude_bits(row)
             keys[:] = row if attempt == 0 else _bit_keys(row, keys, floor[g])
