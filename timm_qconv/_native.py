@@ -294,26 +294,35 @@ def _level_deviations(q: np.ndarray, x: np.ndarray, code: np.ndarray, out: np.nd
 @_jit
 def _forward_kernel(rows: np.ndarray, thresholds: np.ndarray, groups: np.ndarray, tables: tuple, table: np.ndarray,
                     q: np.ndarray, codes: np.ndarray, row_error: np.ndarray, deviations: np.ndarray, with_error: bool,
-                    start: int, stop: int) -> None:
+                    start: int, stop: int) -> int:
+    """Rows ``start:stop`` of :func:`lookup_forward`'s outputs; returns how many rows name a group
+    that ``table`` has not (they are left unwritten; the caller raises)."""
     work = np.empty(rows.shape[1], np.int32)
+    bad = 0
     for c in range(start, stop):
-        x, levels, q_row, code_row = rows[c], table[groups[c]], q[c], codes[c]
+        g = groups[c]
+        if g < 0 or g >= table.shape[0]:
+            bad += 1
+            continue
+        x, levels, q_row, code_row = rows[c], table[g], q[c], codes[c]
         if thresholds.shape[1] <= MAX_SELECTED_THRESHOLDS:
-            _row_select(x, thresholds[groups[c]], levels, q_row, code_row)
-        elif not _row_codes(x, groups[c], thresholds, tables, code_row, work, levels, q_row):
+            _row_select(x, thresholds[g], levels, q_row, code_row)
+        elif not _row_codes(x, g, thresholds, tables, code_row, work, levels, q_row):
             for k in range(x.shape[0]):
                 q_row[k] = levels[code_row[k]]
         if with_error and deviations.shape[0]:
             row_error[c] = _level_deviations(q_row, x, code_row, deviations[c])
         elif with_error:
             row_error[c] = _squared_error(q_row, x)
+    return bad
 
 
 @_jit
 def _backward_kernel(codes: np.ndarray, groups: np.ndarray, table: np.ndarray, rows: np.ndarray, grad: np.ndarray,
-                     has_grad: bool, error_coef: float, out: np.ndarray, slab: int, start: int, stop: int) -> None:
-    """Adds into ``out[slab]`` (G, L), per group and level, the sum of ``grad + error_coef * (level -
-    weight)`` over the weights of that code in rows ``start:stop``.
+                     has_grad: bool, error_coef: float, out: np.ndarray, slab: int, start: int, stop: int) -> int:
+    """Writes into ``out[slab]`` (G, L), per group and level, the sum of ``grad + error_coef * (level -
+    weight)`` over the weights of that code in rows ``start:stop``; returns how many rows name a
+    group that ``table`` has not (skipped; the caller raises).
 
     The rows of a group follow one another, and a run of them shares one set of partial sums,
     added to ``out`` when the group changes: at 256 levels the sums are 8 KiB, and zeroing and
@@ -322,11 +331,17 @@ def _backward_kernel(codes: np.ndarray, groups: np.ndarray, table: np.ndarray, r
     n_levels = table.shape[1]
     sums = np.zeros(_LANES * n_levels, np.float64)
     sink = out[slab]
-    group = groups[start] if start < stop else 0
+    sink[:] = 0.0
+    bad, group = 0, -1
     for c in range(start, stop):
-        if groups[c] != group:
-            _add_lanes(sums, sink[group])
-            group = groups[c]
+        g = groups[c]
+        if g < 0 or g >= table.shape[0]:
+            bad += 1
+            continue
+        if g != group:
+            if group >= 0:
+                _add_lanes(sums, sink[group])
+            group = g
         levels, x, code = table[group], rows[c], codes[c]
         if has_grad and error_coef != 0.0:
             for k in range(code.shape[0]):
@@ -339,8 +354,9 @@ def _backward_kernel(codes: np.ndarray, groups: np.ndarray, table: np.ndarray, r
             for k in range(code.shape[0]):
                 i = code[k]
                 sums[(k % _LANES) * n_levels + i] += error_coef * (levels[i] - x[k])
-    if start < stop:
+    if group >= 0:
         _add_lanes(sums, sink[group])
+    return bad
 
 
 @_jit
@@ -358,59 +374,73 @@ def _add_lanes(sums: np.ndarray, target: np.ndarray) -> None:
 @_jit(parallel=True)
 def _forward_parts(rows: np.ndarray, thresholds: np.ndarray, groups: np.ndarray, tables: tuple, table: np.ndarray,
                    q: np.ndarray, codes: np.ndarray, row_error: np.ndarray, deviations: np.ndarray, with_error: bool,
-                   n_parts: int) -> None:
+                   n_parts: int) -> int:
     by_bits, floor, low, scale, before, padded, depth = tables
+    bad = 0
     for p in numba.prange(n_parts):
-        _forward_kernel(rows, thresholds, groups, (by_bits, floor, low, scale, before, padded, depth), table, q, codes,
-                        row_error, deviations, with_error, rows.shape[0] * p // n_parts,
-                        rows.shape[0] * (p + 1) // n_parts)
+        bad += _forward_kernel(rows, thresholds, groups, (by_bits, floor, low, scale, before, padded, depth), table,
+                               q, codes, row_error, deviations, with_error, rows.shape[0] * p // n_parts,
+                               rows.shape[0] * (p + 1) // n_parts)
+    return bad
 
 
 @_jit(parallel=True)
 def _backward_parts(codes: np.ndarray, groups: np.ndarray, table: np.ndarray, rows: np.ndarray, grad: np.ndarray,
-                    has_grad: bool, error_coef: float, out: np.ndarray, slab: int, n_parts: int) -> None:
-    """:func:`_backward_kernel` in ``n_parts`` parts, part ``p`` adding into ``out[p]`` (``slab``: the
+                    has_grad: bool, error_coef: float, out: np.ndarray, slab: int, n_parts: int) -> int:
+    """:func:`_backward_kernel` in ``n_parts`` parts, part ``p`` writing ``out[p]`` (``slab``: the
     single part's, unused here)."""
+    bad = 0
     for p in numba.prange(n_parts):
-        _backward_kernel(codes, groups, table, rows, grad, has_grad, error_coef, out, p,
-                         codes.shape[0] * p // n_parts, codes.shape[0] * (p + 1) // n_parts)
+        bad += _backward_kernel(codes, groups, table, rows, grad, has_grad, error_coef, out, p,
+                                codes.shape[0] * p // n_parts, codes.shape[0] * (p + 1) // n_parts)
+    return bad
 
 
 @_jit
-def _masked_backward_kernel(codes: np.ndarray, grad: np.ndarray, has_grad: bool, deviations: np.ndarray,
-                            error_coef: float, out: np.ndarray, start: int, stop: int) -> None:
+def _masked_backward_kernel(codes: np.ndarray, groups: np.ndarray, grad: np.ndarray, has_grad: bool,
+                            deviations: np.ndarray, error_coef: float, out: np.ndarray, slab: int, start: int,
+                            stop: int) -> int:
     """:func:`_backward_kernel` for up to MAX_MASKED_LEVELS levels, the hash loss's term taken from
     the forward's :func:`_level_deviations` instead of the weights."""
-    sums = np.zeros(out.shape[1], np.float32)
+    n_levels = out.shape[2]
+    sums = np.zeros(n_levels, np.float32)
+    sink = out[slab]
+    sink[:] = 0.0
+    bad = 0
     for c in range(start, stop):
+        g = groups[c]
+        if g < 0 or g >= sink.shape[0]:
+            bad += 1
+            continue
         if has_grad:
             _level_sums(grad[c], codes[c], sums)
-        for level in range(out.shape[1]):
+        for level in range(n_levels):
             total = sums[level]
             if error_coef != 0.0:
                 total += error_coef * deviations[c, level]
-            out[c, level] = total
+            sink[g, level] += total
+    return bad
 
 
 @_jit(parallel=True)
-def _masked_backward_parts(codes: np.ndarray, grad: np.ndarray, has_grad: bool, deviations: np.ndarray,
-                           error_coef: float, out: np.ndarray, n_parts: int) -> None:
+def _masked_backward_parts(codes: np.ndarray, groups: np.ndarray, grad: np.ndarray, has_grad: bool,
+                           deviations: np.ndarray, error_coef: float, out: np.ndarray, slab: int, n_parts: int) -> int:
+    bad = 0
     for p in numba.prange(n_parts):
-        _masked_backward_kernel(codes, grad, has_grad, deviations, error_coef, out,
-                                codes.shape[0] * p // n_parts, codes.shape[0] * (p + 1) // n_parts)
+        bad += _masked_backward_kernel(codes, groups, grad, has_grad, deviations, error_coef, out, p,
+                                       codes.shape[0] * p // n_parts, codes.shape[0] * (p + 1) // n_parts)
+    return bad
 
 
 @_jit
-def _sum_by_group(per_row: np.ndarray, groups: np.ndarray, scale: float, out: np.ndarray) -> np.ndarray:
-    """``out`` (G, L): the float64 sum of the rows of ``per_row`` (C, L) of each group, times ``scale``."""
-    sums = np.zeros(out.shape, np.float64)
-    for c in range(per_row.shape[0]):
-        for level in range(per_row.shape[1]):
-            sums[groups[c], level] += per_row[c, level]
+def _sum_slabs(slabs: np.ndarray, scale: float, out: np.ndarray) -> None:
+    """``out`` (G, L): the float64 sum of the backward's per-part ``slabs`` (P, G, L), times ``scale``."""
     for g in range(out.shape[0]):
         for level in range(out.shape[1]):
-            out[g, level] = sums[g, level] * scale
-    return out
+            total = 0.0
+            for p in range(slabs.shape[0]):
+                total += slabs[p, g, level]
+            out[g, level] = total * scale
 
 
 @_jit
@@ -424,27 +454,27 @@ def _midpoints(table: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 
 @_jit
-def _indexes_below(groups: np.ndarray, n_targets: int) -> bool:
-    """Whether every entry of ``groups`` is an index below ``n_targets``."""
-    for c in range(groups.shape[0]):
-        if groups[c] < 0 or groups[c] >= n_targets:
-            return False
-    return True
-
-
-@_jit
 def _decode_kernel(codes: np.ndarray, groups: np.ndarray, table: np.ndarray, q: np.ndarray, start: int,
-                   stop: int) -> None:
+                   stop: int) -> int:
+    bad = 0
     for c in range(start, stop):
-        levels, code, q_row = table[groups[c]], codes[c], q[c]
+        g = groups[c]
+        if g < 0 or g >= table.shape[0]:
+            bad += 1
+            continue
+        levels, code, q_row = table[g], codes[c], q[c]
         for k in range(code.shape[0]):
             q_row[k] = levels[code[k]]
+    return bad
 
 
 @_jit(parallel=True)
-def _decode_parts(codes: np.ndarray, groups: np.ndarray, table: np.ndarray, q: np.ndarray, n_parts: int) -> None:
+def _decode_parts(codes: np.ndarray, groups: np.ndarray, table: np.ndarray, q: np.ndarray, n_parts: int) -> int:
+    bad = 0
     for p in numba.prange(n_parts):
-        _decode_kernel(codes, groups, table, q, codes.shape[0] * p // n_parts, codes.shape[0] * (p + 1) // n_parts)
+        bad += _decode_kernel(codes, groups, table, q, codes.shape[0] * p // n_parts,
+                              codes.shape[0] * (p + 1) // n_parts)
+    return bad
 
 
 #: Layers of fewer weights per thread than this run in one thread: splitting them would cost
@@ -456,12 +486,21 @@ _parallel_pid: int | None = None
 
 
 def _n_parts(n_rows: int, numel: int) -> int:
+    """How many parts a kernel over ``n_rows`` rows of ``numel`` weights is worth splitting into."""
     return max(1, min(torch.get_num_threads(), n_rows, numel // MIN_WEIGHTS_PER_THREAD))
 
 
-def _run(kernel: Callable[..., None], parts: Callable[..., None], n_rows: int, numel: int, *args: Any) -> None:
-    """``kernel`` over all ``n_rows`` rows: in one thread, or by ``parts`` (its ``parallel=True``
-    driver) in as many contiguous parts as PyTorch has threads (``torch.set_num_threads``).
+def _parts_here(n_rows: int, numel: int) -> int:
+    """The parts :func:`_run` is to split such a kernel into in this process: :func:`_n_parts`, or 1
+    in a forked child of a process that started Numba's threads (see :func:`_run`)."""
+    return 1 if _parallel_pid not in (None, os.getpid()) else _n_parts(n_rows, numel)
+
+
+def _run(kernel: Callable[..., int], parts: Callable[..., int], n_rows: int, n_parts: int, *args: Any) -> int:
+    """``kernel`` over all ``n_rows`` rows, in ``n_parts`` contiguous parts (:func:`_parts_here`): in
+    this thread, or by ``parts`` (its ``parallel=True`` driver) in Numba's threads, as many as
+    PyTorch has (``torch.set_num_threads``). Returns the kernel's count of rows that name a group
+    the table has not (then nothing it wrote is to be used).
 
     Numba's threads, not a pool of our own, which waited on PyTorch's OpenMP threads after every
     convolution while they spin (8 bits: 1.19-1.29x the float step against 1.35-1.41). Numba's
@@ -473,45 +512,63 @@ def _run(kernel: Callable[..., None], parts: Callable[..., None], n_rows: int, n
     things about it are handled here. Starting it resets the thread count PyTorch reads, which is
     put back. Its OpenMP layer terminates a forked child that uses it once the parent has ("fork()
     called from a process already using GNU OpenMP"), so such a child runs the kernels in one
-    thread. Its ``workqueue`` layer (where OpenMP is missing) is not safe from several threads at
-    once, so calls take a lock (a kernel keeps every core busy anyway).
+    thread (:func:`_parts_here`). Its ``workqueue`` layer (where OpenMP is missing) is not safe from
+    several threads at once, so calls take a lock (a kernel keeps every core busy anyway).
     """
     global _parallel_pid
-    n_parts = _n_parts(n_rows, numel)
-    if n_parts == 1 or _parallel_pid not in (None, os.getpid()):
-        kernel(*args, 0, n_rows)
-        return
+    if n_parts == 1:
+        return kernel(*args, 0, n_rows)
     with _parallel_lock:
         if _parallel_pid is None:
             threads = torch.get_num_threads()
-            parts(*args, n_parts)
+            bad = parts(*args, n_parts)
             _parallel_pid = os.getpid()
             torch.set_num_threads(threads)
-        else:
-            parts(*args, n_parts)
+            return bad
+        return parts(*args, n_parts)
 
 
 def _array(x: Tensor) -> np.ndarray:
-    return x.detach().numpy()
+    """``x``'s memory as a NumPy array (``.numpy()``, which refuses tensors that require grad)."""
+    return x.detach().numpy() if x.requires_grad else x.numpy()
 
 
-def _indexes_fit(groups: Tensor, n_rows: int, n_targets: int) -> bool:
-    """Whether ``groups`` holds ``n_rows`` indexes, each below ``n_targets``."""
-    return groups.shape == (n_rows,) and _indexes_below(_array(groups), n_targets)
+def _new(shape: tuple[int, ...], dtype: type = np.float32) -> tuple[Tensor, np.ndarray]:
+    """An uninitialised tensor and the NumPy array that owns its memory: one allocation, without the
+    five dispatched operations of ``torch.empty(...).numpy()`` (which a step pays for every layer)."""
+    array = np.empty(shape, dtype)
+    return torch.from_numpy(array), array
+
+
+class _Slabs(threading.local):
+    """The backward's per-part float64 sums, kept per thread from call to call (each part zeroes its own)."""
+
+    def __init__(self) -> None:
+        self.buffer = np.empty(0, np.float64)
+
+    def get(self, n_parts: int, shape: tuple[int, int]) -> np.ndarray:
+        n = n_parts * shape[0] * shape[1]
+        if self.buffer.shape[0] < n:
+            self.buffer = np.empty(n, np.float64)
+        return self.buffer[:n].reshape(n_parts, shape[0], shape[1])
+
+
+_slabs = _Slabs()
 
 
 def _check(rows: Tensor, groups: Tensor, table: Tensor, thresholds: Tensor | None = None, grad: Tensor | None = None,
            codes: Tensor | None = None) -> None:
     """The kernels index without bounds checks: shapes that do not fit would read and write out
-    of bounds, so they are refused here, as PyTorch's own operations would refuse them."""
+    of bounds, so they are refused here, as PyTorch's own operations would refuse them. (The
+    group indexes' values are checked by the kernels as they read them: :func:`_refuse_groups`.)"""
     n_rows = rows.shape[0]
     problems = []
     if rows.ndim != 2 or not rows.is_contiguous():
         problems.append(f"rows must be a contiguous (C, K) matrix, got shape {tuple(rows.shape)}")
     if table.ndim != 2 or not table.is_contiguous():
         problems.append(f"table must be a contiguous (G, L) matrix, got shape {tuple(table.shape)}")
-    elif not _indexes_fit(groups, n_rows, table.shape[0]):
-        problems.append(f"groups must be {n_rows} indexes into the {table.shape[0]} rows of table")
+    if groups.shape != (n_rows,):
+        problems.append(f"groups must be {n_rows} indexes into the rows of table, got shape {tuple(groups.shape)}")
     for name, tensor in (("grad", grad), ("codes", codes)):
         if tensor is not None and tensor.shape != rows.shape:
             problems.append(f"{name} must have the shape {tuple(rows.shape)} of rows, got {tuple(tensor.shape)}")
@@ -522,10 +579,18 @@ def _check(rows: Tensor, groups: Tensor, table: Tensor, thresholds: Tensor | Non
         raise ValueError("timm_qconv kernels: " + "; ".join(problems))
 
 
+def _refuse_groups(bad: int, groups: Tensor, table: Tensor) -> None:
+    """Raises if a kernel found ``bad`` rows whose group index is not a row of ``table``."""
+    if bad:
+        raise ValueError(f"timm_qconv kernels: groups must be {groups.shape[0]} group indexes below G, the "
+                         f"{table.shape[0]} rows of table; {bad} rows name another")
+
+
 #: What :func:`_bin_tables` returns for rows of fewer than MIN_BINNED_THRESHOLDS thresholds, which count
 #: instead: empty tables of its types.
 _NO_BIN_TABLES = (np.zeros(0, np.bool_), np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.float32),
                   np.zeros((0, 0), np.int32), np.zeros((0, 0), np.float32), np.zeros(0, np.int32))
+_NO_GRAD = np.zeros((0, 0), np.float32)
 
 
 def lookup_forward(thresholds: Tensor | None, groups: Tensor, table: Tensor, rows: Tensor,
@@ -537,20 +602,22 @@ def lookup_forward(thresholds: Tensor | None, groups: Tensor, table: Tensor, row
     MAX_MASKED_LEVELS levels, per row and level the sum of ``q - rows`` (C, L) for
     :func:`lookup_backward`."""
     _check(rows, groups, table, thresholds)
+    n_rows, n_levels = rows.shape[0], table.shape[1]
     table_ = _array(table)
     if thresholds is None:
-        thresholds_ = _midpoints(table_, np.empty((table_.shape[0], table_.shape[1] - 1), np.float32))
+        thresholds_ = _midpoints(table_, np.empty((table_.shape[0], n_levels - 1), np.float32))
     else:
         thresholds_ = _array(thresholds)
     tables = _bin_tables(thresholds_) if thresholds_.shape[1] >= MIN_BINNED_THRESHOLDS else _NO_BIN_TABLES
-    q = torch.empty_like(rows)
-    out_codes = torch.empty(rows.shape, dtype=torch.uint8)
-    row_error = torch.empty(rows.shape[0] if with_error else 0)
-    masked = with_error and table.shape[1] <= MAX_MASKED_LEVELS
-    deviations = torch.empty((rows.shape[0], table.shape[1]) if masked else (0, 0))
-    _run(_forward_kernel, _forward_parts, rows.shape[0], rows.numel(), _array(rows), thresholds_, _array(groups),
-         tables, table_, q.numpy(), out_codes.numpy(), row_error.numpy(), deviations.numpy(), with_error)
-    return q, out_codes, (row_error.sum() if with_error else None), (deviations if masked else None)
+    q, q_ = _new(tuple(rows.shape))
+    codes, codes_ = _new(tuple(rows.shape), np.uint8)
+    row_error, row_error_ = _new((n_rows if with_error else 0,))
+    masked = with_error and n_levels <= MAX_MASKED_LEVELS
+    deviations, deviations_ = _new((n_rows, n_levels) if masked else (0, 0))
+    bad = _run(_forward_kernel, _forward_parts, n_rows, _parts_here(n_rows, rows.numel()), _array(rows), thresholds_,
+               _array(groups), tables, table_, q_, codes_, row_error_, deviations_, with_error)
+    _refuse_groups(bad, groups, table)
+    return q, codes, (row_error.sum() if with_error else None), (deviations if masked else None)
 
 
 def lookup_backward(codes: Tensor, groups: Tensor, table: Tensor, rows: Tensor, grad: Tensor | None,
@@ -559,23 +626,23 @@ def lookup_backward(codes: Tensor, groups: Tensor, table: Tensor, rows: Tensor, 
     code in the group's rows of ``grad + error_coef * (level - weight)``, times ``scale``. With the
     forward's ``deviations`` (see :func:`lookup_forward`) the weights ``rows`` are not read."""
     _check(rows, groups, table, grad=grad, codes=codes)
-    n_rows, numel = codes.shape[0], codes.numel()
-    no_grad = np.zeros((0, 0), np.float32)
-    grad_ = no_grad if grad is None else _array(grad)
-    groups_ = _array(groups)
-    out = torch.empty(table.shape, dtype=torch.float32)
-    if table.shape[1] <= MAX_MASKED_LEVELS and (error_coef == 0.0 or deviations is not None):
-        per_row = np.empty((n_rows, table.shape[1]), np.float32)
-        if deviations is not None and deviations.shape != per_row.shape:
-            raise ValueError(f"timm_qconv kernels: deviations must be {per_row.shape}, got {tuple(deviations.shape)}")
-        _run(_masked_backward_kernel, _masked_backward_parts, n_rows, numel, _array(codes), grad_,
-             grad is not None, no_grad if deviations is None else _array(deviations), float(error_coef), per_row)
-        _sum_by_group(per_row, groups_, float(scale), out.numpy())
-        return out
-    slabs = np.zeros((_n_parts(n_rows, numel),) + tuple(table.shape), np.float64)  # one per part
-    _run(_backward_kernel, _backward_parts, n_rows, numel, _array(codes), groups_, _array(table), _array(rows), grad_,
-         grad is not None, float(error_coef), slabs, 0)
-    out.copy_(torch.from_numpy(slabs.sum(0) * scale))
+    n_rows, shape = codes.shape[0], (table.shape[0], table.shape[1])
+    n_parts = _parts_here(n_rows, codes.numel())
+    slabs = _slabs.get(n_parts, shape)  # one (G, L) per part
+    grad_ = _NO_GRAD if grad is None else _array(grad)
+    if shape[1] <= MAX_MASKED_LEVELS and (error_coef == 0.0 or deviations is not None):
+        if deviations is not None and deviations.shape != (n_rows, shape[1]):
+            raise ValueError(f"timm_qconv kernels: deviations must be {(n_rows, shape[1])}, "
+                             f"got {tuple(deviations.shape)}")
+        bad = _run(_masked_backward_kernel, _masked_backward_parts, n_rows, n_parts, _array(codes), _array(groups),
+                   grad_, grad is not None, _NO_GRAD if deviations is None else _array(deviations),
+                   float(error_coef), slabs, 0)
+    else:
+        bad = _run(_backward_kernel, _backward_parts, n_rows, n_parts, _array(codes), _array(groups), _array(table),
+                   _array(rows), grad_, grad is not None, float(error_coef), slabs, 0)
+    _refuse_groups(bad, groups, table)
+    out, out_ = _new(shape)
+    _sum_slabs(slabs, float(scale), out_)
     return out
 
 
@@ -584,11 +651,12 @@ def decode(codes: Tensor, groups: Tensor, table: Tensor) -> Tensor:
     ``table`` (G, L). The codes are the forward's (:func:`lookup_forward`), all below L."""
     n_rows = codes.shape[0]
     if (codes.ndim != 2 or codes.dtype != torch.uint8 or not codes.is_contiguous() or table.ndim != 2
-            or not table.is_contiguous() or not _indexes_fit(groups, n_rows, table.shape[0])):
+            or not table.is_contiguous() or groups.shape != (n_rows,)):
         raise ValueError(f"timm_qconv kernels: decode needs contiguous uint8 (C, K) codes, a contiguous (G, L) "
                          f"table and C group indexes below G; got codes {tuple(codes.shape)} {codes.dtype}, "
                          f"table {tuple(table.shape)}, groups {tuple(groups.shape)}")
-    q = torch.empty(codes.shape, dtype=torch.float32)
-    _run(_decode_kernel, _decode_parts, n_rows, codes.numel(), _array(codes), _array(groups), _array(table),
-         q.numpy())
+    q, q_ = _new(tuple(codes.shape))
+    bad = _run(_decode_kernel, _decode_parts, n_rows, _parts_here(n_rows, codes.numel()), _array(codes),
+               _array(groups), _array(table), q_)
+    _refuse_groups(bad, groups, table)
     return q
