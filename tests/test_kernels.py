@@ -115,10 +115,57 @@ def test_weight_override_is_not_used_once_the_weight_changed(compiled_backend):
     assert conv.quantized_weight() is zeros and conv.quantized_weight() is not zeros, "an override must be used once"
 
 
-def test_eager_model_gets_no_hooks_and_a_bad_environment_fails_at_use_not_import(monkeypatch):
-    model = quantize_model(model_with_lazy_head()[:3], n_bits=2, n_functions=2, kernels="eager")
-    assert batched_path(model) is None and not model._forward_pre_hooks, "an eager model carries the batched hooks"
+@pytest.mark.parametrize("method", ["hash", "kmeans", "poly"])
+def test_an_eager_model_computes_its_layers_weights_before_its_forward_as_each_layer_would(method):
+    torch.manual_seed(0)
+    model = quantize_model(model_with_lazy_head()[:5], method=method, n_bits=2, n_functions=2, kernels="eager")
     assert not {k for k in vars(model) if k.startswith("_timm_qconv")}, "hidden attributes left on the model"
+    layers = [m for m in model.modules() if isinstance(m, QuantConv2d)]
+    per_layer = copy.deepcopy(model)
+    timm_qconv._batched.remove_hooks(per_layer)
+    x = torch.randn(2, 3, 6, 6)
+    computed, seen_by_first = [], []
+    for layer in layers:
+        layer.compute_weight = lambda _compute=layer.compute_weight: computed.append(1) or _compute()
+    layers[0].register_forward_pre_hook(lambda module, args: seen_by_first.append(len(computed)))
+    outputs, grads = [], []
+    for m in (model, per_layer):
+        out = m(x)
+        (out.square().mean() + hash_loss(m)).backward()
+        outputs.append(out)
+        grads.append({name: p.grad for name, p in m.named_parameters() if p.grad is not None})
+    assert seen_by_first == [len(layers)], f"the first layer ran after {seen_by_first} of {len(layers)} weights"
+    assert all(layer.weight_override is None for layer in layers), "a weight outlived the forward"
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_up_front_weights_skip_frozen_float_mode_and_eval_layers_and_never_outlive_a_failed_forward():
+    model = quantize_model(model_with_lazy_head()[:3], n_bits=2, n_functions=2, kernels="eager")
+    first, second = (m for m in model.modules() if isinstance(m, QuantConv2d))
+    seen = []
+    first.register_forward_pre_hook(lambda module, args: seen.append((first.weight_override is not None,
+                                                                      second.weight_override is not None)))
+    x = torch.randn(2, 3, 6, 6)
+    model(x)
+    second.weight.requires_grad_(False)
+    model(x)
+    second.weight.requires_grad_(True)
+    second.mode = "float"
+    model(x)
+    model.eval()
+    model(x)
+    assert seen == [(True, True), (True, False), (True, False), (False, False)], seen
+    model.train()
+    second.mode = "ste"
+    with pytest.raises(RuntimeError):
+        model(torch.randn(2, 5, 6, 6))  # the first conv refuses 5 channels: the second never runs
+    assert seen[-1] == (True, True) and second.weight_override is None, "a weight outlived a forward that raised"
+
+
+def test_a_bad_kernels_environment_fails_at_use_not_import(monkeypatch):
     monkeypatch.setenv("TIMM_QCONV_KERNELS", "fast")
     monkeypatch.setattr("timm_qconv._kernels._default", None)
     subprocess.run([sys.executable, "-c", "import timm_qconv"], check=True, env={**os.environ})
@@ -131,7 +178,7 @@ def test_a_model_keeps_its_backend_when_the_default_changes(compiled_backend):
     set_backend("eager")
     assert timm_qconv.get_kernel_backend(model) == "compiled" and batched_path(model) is not None
     set_kernel_backend("eager", model)
-    assert timm_qconv.get_kernel_backend(model) == "eager" and batched_path(model) is None
+    assert timm_qconv.get_kernel_backend(model) == "eager" and batched_path(model).backend == "eager"
 
 
 def test_batches_group_layers_by_quantizer_class_and_bits():

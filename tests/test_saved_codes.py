@@ -80,14 +80,14 @@ def test_the_forward_weight_is_freed_and_the_hash_loss_still_reuses_its_error(de
     x = torch.randn(2, 6, 5, 5, requires_grad=True)
     layer.hash_loss()  # from now on the forward computes the squared error
     weights = []
-    compute = layer._compute_weight
+    compute = layer.compute_weight
 
     def computed():
         weight = compute()
         weights.append(weakref.ref(weight))
         return weight
 
-    layer._compute_weight = computed
+    layer.compute_weight = computed
     out = layer(x)
     assert weights[-1]() is None, "the quantized weight outlived the forward"
     assert layer.quantizer.squared_error_of_last_forward(layer.weight) is not None, "hash loss would recompute"

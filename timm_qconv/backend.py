@@ -4,7 +4,7 @@ The backends (``"eager"``, ``"compiled"``, ``"auto"``) are described in :mod:`ti
 A model takes the process default when :func:`~timm_qconv.quantize_model` converts it (or the
 ``kernels=`` given there) and keeps it: changing the process default later changes models
 converted later, not this one; :func:`set_kernel_backend` with ``model=`` changes one model.
-Only a model whose backend is not ``"eager"`` carries the batched path's hooks.
+Every converted model carries the hooks of :mod:`timm_qconv._batched`, whatever its backend.
 """
 from __future__ import annotations
 
@@ -38,10 +38,7 @@ def set_kernel_backend(backend: str, model: nn.Module | None = None) -> None:
         raise ValueError(f"model {type(model).__name__} has no quantized layer; call quantize_model first")
     for layer in layers:
         layer.kernels = backend
-    if backend == "eager":
-        _batched.remove_hooks(model)
-    else:
-        _batched.add_hooks(model, backend)
+    _batched.add_hooks(model, backend)
 
 
 def get_kernel_backend(model: nn.Module | None = None) -> str:

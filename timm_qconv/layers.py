@@ -109,9 +109,10 @@ class QuantMixin:
             # forward again, when no override is left: the weight is then computed here both times.
             if self.training and override.is_current(self.weight) and hooks_free():
                 return override.quantized
-        return self.weight_cache.get(self.weight, self.quantizer, self._compute_weight)
+        return self.weight_cache.get(self.weight, self.quantizer, self.compute_weight)
 
-    def _compute_weight(self) -> Tensor:
+    def compute_weight(self) -> Tensor:
+        """The quantized weight with the straight-through gradient, computed now (no cache, no override)."""
         # traced code takes the eager formulation; no ``with`` block where this backend is in force already
         if self.kernels is None or torch.compiler.is_compiling() or self.kernels == get_backend():
             return self.quantizer(self.weight, ste=True)
