@@ -647,13 +647,23 @@ def lookup_codes(
     return q, (codes if codes.numel() else None), (error if error.ndim == 0 else None)
 
 
-def decode_codes(table: Tensor, groups: Tensor, codes: Tensor) -> Tensor:
-    """The ``(C, K)`` levels of the ``codes`` :func:`lookup_codes` found, row ``c`` reading row
-    ``groups[c]`` of ``table`` (G, L), in the table's dtype: its ``q``, bit for bit, without a gradient."""
+def codes_decoder(table: Tensor, groups: Tensor, codes: Tensor) -> Callable[[], Tensor]:
+    """:func:`decode_codes` to be called later, prepared now (checks, NumPy views for the Numba
+    kernel), so that a backward that decodes does the pass over the weights and little else."""
     table = table.detach().contiguous()
     if (codes.device.type == "cpu" and codes.dtype == torch.uint8 and table.dtype == torch.float32
             and not torch.compiler.is_compiling()):
         native = _native_module()
         if native is not None:
-            return native.decode(codes.contiguous(), groups, table)
+            return native.decoder(codes.contiguous(), groups, table)
+    return functools.partial(_gather_codes, table, groups, codes)
+
+
+def _gather_codes(table: Tensor, groups: Tensor, codes: Tensor) -> Tensor:
     return table[groups].gather(1, codes.long())
+
+
+def decode_codes(table: Tensor, groups: Tensor, codes: Tensor) -> Tensor:
+    """The ``(C, K)`` levels of the ``codes`` :func:`lookup_codes` found, row ``c`` reading row
+    ``groups[c]`` of ``table`` (G, L), in the table's dtype: its ``q``, bit for bit, without a gradient."""
+    return codes_decoder(table, groups, codes)()

@@ -646,17 +646,28 @@ def lookup_backward(codes: Tensor, groups: Tensor, table: Tensor, rows: Tensor, 
     return out
 
 
-def decode(codes: Tensor, groups: Tensor, table: Tensor) -> Tensor:
-    """The float32 ``(C, K)`` levels of uint8 ``codes``: row ``c`` reads row ``groups[c]`` of
-    ``table`` (G, L). The codes are the forward's (:func:`lookup_forward`), all below L."""
+def decoder(codes: Tensor, groups: Tensor, table: Tensor) -> Callable[[], Tensor]:
+    """:func:`decode` checked and prepared now, run when called: the training forward prepares
+    the decode its backward runs, which then makes the pass over the weights and little else."""
     n_rows = codes.shape[0]
     if (codes.ndim != 2 or codes.dtype != torch.uint8 or not codes.is_contiguous() or table.ndim != 2
             or not table.is_contiguous() or groups.shape != (n_rows,)):
         raise ValueError(f"timm_qconv kernels: decode needs contiguous uint8 (C, K) codes, a contiguous (G, L) "
                          f"table and C group indexes below G; got codes {tuple(codes.shape)} {codes.dtype}, "
                          f"table {tuple(table.shape)}, groups {tuple(groups.shape)}")
-    q, q_ = _new(tuple(codes.shape))
-    bad = _run(_decode_kernel, _decode_parts, n_rows, _parts_here(n_rows, codes.numel()), _array(codes),
-               _array(groups), _array(table), q_)
-    _refuse_groups(bad, groups, table)
-    return q
+    shape, numel = (codes.shape[0], codes.shape[1]), codes.numel()
+    arrays = _array(codes), _array(groups), _array(table)
+
+    def decode_now() -> Tensor:
+        q, q_ = _new(shape)
+        _refuse_groups(_run(_decode_kernel, _decode_parts, n_rows, _parts_here(n_rows, numel), *arrays, q_),
+                       groups, table)
+        return q
+
+    return decode_now
+
+
+def decode(codes: Tensor, groups: Tensor, table: Tensor) -> Tensor:
+    """The float32 ``(C, K)`` levels of uint8 ``codes``: row ``c`` reads row ``groups[c]`` of
+    ``table`` (G, L). The codes are the forward's (:func:`lookup_forward`), all below L."""
+    return decoder(codes, groups, table)()

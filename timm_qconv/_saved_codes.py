@@ -11,9 +11,10 @@ So a quantizer's training forward tags the weight it returns with a :class:`Code
 codes and levels), and a quantized layer runs its convolution under
 :func:`saved_as_codes`: PyTorch's saved-tensor hooks
 (:class:`torch.autograd.graph.saved_tensors_hooks`) keep the tag in the weight's place, and the
-backward decodes it (:func:`timm_qconv._kernels.decode_codes`: one more pass over the weights,
-against the float weight's memory). Autograd gives the decoded tensor the weight's place in the
-graph, so a backward that builds a graph (``create_graph=True``) differentiates through it as before.
+backward decodes it (:func:`timm_qconv._kernels.codes_decoder`, prepared in the forward: one
+more pass over the weights, against the float weight's memory). Autograd gives the decoded
+tensor the weight's place in the graph, so a backward that builds a graph
+(``create_graph=True``) differentiates through it as before.
 Under autocast the layers cast the weight themselves before the convolution
 (:func:`autocast_weight`), so that the half-precision copy autocast would make is kept as codes too.
 
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._kernels import decode_codes
+from ._kernels import codes_decoder
 
 _TAG = "_timm_qconv_coded"
 
@@ -41,15 +42,17 @@ class CodedWeight:
     edit before the backward would otherwise change under the codes, unseen by autograd's checks.
     """
 
-    __slots__ = ("codes", "table", "groups", "shape", "dtype", "__weakref__")
+    __slots__ = ("decode", "shape", "dtype", "__weakref__")
 
     def __init__(self, codes: Tensor, table: Tensor, groups: Tensor, like: Tensor):
-        self.codes, self.table, self.groups = codes, table.detach().clone(), groups
+        # prepared here, in the forward: the backward's call then does little but the pass over the weights
+        self.decode = codes_decoder(table.detach().clone(), groups, codes)
         self.shape, self.dtype = like.shape, like.dtype
 
     def value(self) -> Tensor:
         """The weight, bit for bit."""
-        return decode_codes(self.table, self.groups, self.codes).view(self.shape).to(self.dtype)
+        value = self.decode().view(self.shape)
+        return value if value.dtype == self.dtype else value.to(self.dtype)
 
 
 def tag(weight: Tensor, coded: CodedWeight) -> CodedWeight | None:
@@ -99,7 +102,11 @@ class _Saved:
 
 def _unpack(saved: Any) -> Any:
     if isinstance(saved, _Saved):
-        return saved.coded.value().to(saved.dtype).as_strided(saved.size, saved.stride, saved.offset)
+        value = saved.coded.value()
+        value = value if value.dtype == saved.dtype else value.to(saved.dtype)
+        if value.shape == saved.size and value.stride() == saved.stride and not saved.offset:  # the weight itself
+            return value
+        return value.as_strided(saved.size, saved.stride, saved.offset)
     return saved
 
 
