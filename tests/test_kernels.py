@@ -107,11 +107,11 @@ def test_weight_override_is_not_used_once_the_weight_changed(compiled_backend):
     model = quantize_model(model_with_lazy_head()[:3], n_bits=2, n_functions=2)
     conv = model[0]
     zeros = torch.zeros_like(conv.weight)
-    conv.weight_override = WeightOverride(zeros, conv.weight, conv.weight._version)
+    conv.weight_override = WeightOverride.of(zeros, conv.weight)
     with torch.no_grad():
         conv.weight.add_(1.0)  # an optimizer step in between
     assert conv.quantized_weight() is not zeros, "a stale override was handed out"
-    conv.weight_override = WeightOverride(zeros, conv.weight, conv.weight._version)
+    conv.weight_override = WeightOverride.of(zeros, conv.weight)
     assert conv.quantized_weight() is zeros and conv.quantized_weight() is not zeros, "an override must be used once"
 
 
@@ -150,10 +150,10 @@ def test_up_front_weights_skip_frozen_float_mode_and_eval_layers_and_never_outli
                                                                       second.weight_override is not None)))
     x = torch.randn(2, 3, 6, 6)
     model(x)
-    second.weight.requires_grad_(False)
+    second.weight.requires_grad_(False)  # frozen: the layer takes its cached weight itself
     model(x)
     second.weight.requires_grad_(True)
-    second.mode = "float"
+    second.mode = "float"  # trains on its float weight
     model(x)
     model.eval()
     model(x)
@@ -163,6 +163,33 @@ def test_up_front_weights_skip_frozen_float_mode_and_eval_layers_and_never_outli
     with pytest.raises(RuntimeError):
         model(torch.randn(2, 5, 6, 6))  # the first conv refuses 5 channels: the second never runs
     assert seen[-1] == (True, True) and second.weight_override is None, "a weight outlived a forward that raised"
+
+
+def test_an_up_front_weight_is_not_used_under_another_grad_mode_or_autocast_inside_the_forward():
+    class Inside(nn.Module):
+        def __init__(self, body, context):
+            super().__init__()
+            self.body, self.context = body, context
+
+        def forward(self, x):
+            with self.context():
+                return self.body(x)
+
+    x = torch.randn(2, 3, 6, 6)
+    for context in (torch.no_grad, lambda: torch.autocast("cpu", dtype=torch.bfloat16)):
+        torch.manual_seed(0)
+        model = quantize_model(Inside(model_with_lazy_head()[:3], context), method="kmeans", n_bits=2,
+                               n_functions=2)
+        reference = copy.deepcopy(model.body)  # no hooks: its layers compute their own weights
+        computed = []
+        for layer in (m for m in model.modules() if isinstance(m, QuantConv2d)):
+            layer.compute_weight = lambda _compute=layer.compute_weight: computed.append(1) or _compute()
+        out = model(x)  # the pre-hook runs with grad and without autocast, the body under its context
+        with context():
+            expected = reference(x)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        assert len(computed) == 4, f"{len(computed)} weights computed for 2 layers: the layers took stale ones"
+        assert all(m.weight_override is None for m in model.modules() if isinstance(m, QuantConv2d))
 
 
 def test_a_bad_kernels_environment_fails_at_use_not_import(monkeypatch):

@@ -214,9 +214,9 @@ class BatchedPath:
         return use_batched(self.backend, batch.row_group.device, batch.layers[0].quant_config.n_levels)
 
     def before_forward(self, model: nn.Module, args: Any) -> None:
-        """Forward pre-hook: fill each ``"ste"`` layer's ``weight_override``, from one call per batch
-        the compiled kernels cover, and for the other layers whose weight trains, from each layer's
-        own computation, one layer after another (see the module docstring)."""
+        """Forward pre-hook: fill each ``"ste"`` layer's ``weight_override`` in a training forward, from
+        one call per batch the compiled kernels cover, and for the other layers whose weight trains,
+        from each layer's own computation, one layer after another (see the module docstring)."""
         if not model.training or not torch.is_grad_enabled() or getattr(model, "grad_checkpointing", False):
             return
         served = set()
@@ -225,13 +225,13 @@ class BatchedPath:
                 continue
             quantized = _LookupAll.apply(batch, batch.levels(), *[layer.weight for layer in batch.layers])
             for layer, q in zip(batch.layers, quantized):
-                layer.weight_override = WeightOverride(q, layer.weight, layer.weight._version)
+                layer.weight_override = WeightOverride.of(q, layer.weight)
                 served.add(layer)
         if torch.compiler.is_compiling():  # traced code: each layer computes its own, as the user's graph has it
             return
         for layer in self._layers:
             if layer.mode == "ste" and layer.weight.requires_grad and layer not in served:
-                layer.weight_override = WeightOverride(layer.compute_weight(), layer.weight, layer.weight._version)
+                layer.weight_override = WeightOverride.of(layer.compute_weight(), layer.weight)
 
     def after_forward(self, model: nn.Module, args: Any, output: Any) -> None:
         """Forward hook (also when the forward raised): results never outlive the forward."""

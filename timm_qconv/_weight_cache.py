@@ -48,7 +48,11 @@ class WeightCache:
         device = weight.device.type
         autocast = (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
                     and torch.get_autocast_dtype(device))
-        tensors = (weight, *quantizer.parameters(), *quantizer.buffers())
+        if quantizer._modules:
+            tensors = (weight, *quantizer.parameters(), *quantizer.buffers())
+        else:  # its own tensors, read directly: a third of the cost of the generators, paid per layer and batch
+            tensors = (weight, *(t for t in (*quantizer._parameters.values(), *quantizer._buffers.values())
+                                 if t is not None))
         return (quantizer, quantizer.training, autocast, torch.is_inference_mode_enabled(),
                 *map(_tensor_key, tensors))
 

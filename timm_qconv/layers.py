@@ -21,9 +21,9 @@ Two plain attributes let code outside the layer steer its next weight without th
 who does it (the layer imports nothing from the model-level batched path):
 
 * ``weight_override``: a :class:`WeightOverride` holding this layer's quantized weight, already
-  computed elsewhere (the batched path computes all of a model's layers in one call). The next
-  training forward takes it, once, if the float weight is still the one it was computed from;
-  otherwise the layer computes its weight itself.
+  computed elsewhere (the batched path computes all of a model's layers before its forward). The
+  next forward takes it, once, if the float weight is still the one it was computed from, in the
+  same grad mode and autocast; otherwise the layer computes its weight itself.
 * ``kernels``: the kernel backend this layer's own weight computation runs under (``None``: the
   one in force, see :mod:`timm_qconv._kernels`); set per model by ``quantize_model``.
 """
@@ -46,23 +46,39 @@ from .methods.base import Quantizer
 MODES = ("ste", "float")
 
 
+def _forward_context(weight: Tensor) -> tuple:
+    """What else a quantized weight depends on: grad mode (its graph) and autocast (its levels)."""
+    device = weight.device.type
+    autocast = (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+                and torch.get_autocast_dtype(device))
+    return torch.is_grad_enabled(), autocast
+
+
 @dataclass
 class WeightOverride:
-    """A quantized weight computed outside the layer for its next training forward.
+    """A quantized weight computed outside the layer for its next forward.
 
     Args:
-        quantized: the quantized weight, with its graph (the layer's shape and dtype).
+        quantized: the quantized weight, with its graph where grad is enabled (the layer's shape and dtype).
         source: the float weight parameter it was computed from.
         version: ``source._version`` at that time; an in-place change since makes it stale.
+        context: grad mode and autocast at that time; a forward that runs under others (a
+            ``torch.no_grad()`` or ``torch.autocast`` block inside the model) computes its own.
     """
 
     quantized: Tensor
     source: Tensor
     version: int
+    context: tuple
+
+    @classmethod
+    def of(cls, quantized: Tensor, weight: Tensor) -> "WeightOverride":
+        """``quantized``, computed just now from ``weight`` in the current context."""
+        return cls(quantized, weight, weight._version, _forward_context(weight))
 
     def is_current(self, weight: Tensor) -> bool:
-        """Whether it was computed from ``weight`` as it is now."""
-        return self.source is weight and weight._version == self.version
+        """Whether it was computed from ``weight`` as it is now, in the context in force now."""
+        return self.source is weight and weight._version == self.version and self.context == _forward_context(weight)
 
 
 class QuantMixin:
@@ -99,15 +115,15 @@ class QuantMixin:
     def quantized_weight(self) -> Tensor:
         """The weight as used in eval: quantized, with the straight-through gradient.
 
-        A current :attr:`weight_override` stands in for it in a training forward, once, where no
-        other saved-tensor hooks are in force.
+        A current :attr:`weight_override` stands in for it, once, where no other saved-tensor hooks
+        are in force.
         """
         override = self.weight_override
         if override is not None:
             self.weight_override = None
             # Under other saved-tensor hooks (non-reentrant checkpointing) the backward may run this
             # forward again, when no override is left: the weight is then computed here both times.
-            if self.training and override.is_current(self.weight) and hooks_free():
+            if override.is_current(self.weight) and hooks_free():
                 return override.quantized
         return self.weight_cache.get(self.weight, self.quantizer, self.compute_weight)
 
