@@ -142,7 +142,8 @@ def test_an_eager_model_computes_its_layers_weights_before_its_forward_as_each_l
         torch.testing.assert_close(grad, grads[1][name], rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_up_front_weights_skip_frozen_float_mode_and_eval_layers_and_never_outlive_a_failed_forward():
+def test_up_front_weights_skip_large_frozen_float_mode_and_eval_layers_and_never_outlive_a_failed_forward(
+        monkeypatch):
     model = quantize_model(model_with_lazy_head()[:3], n_bits=2, n_functions=2, kernels="eager")
     first, second = (m for m in model.modules() if isinstance(m, QuantConv2d))
     seen = []
@@ -157,9 +158,12 @@ def test_up_front_weights_skip_frozen_float_mode_and_eval_layers_and_never_outli
     model(x)
     model.eval()
     model(x)
-    assert seen == [(True, True), (True, False), (True, False), (False, False)], seen
     model.train()
     second.mode = "ste"
+    monkeypatch.setattr(timm_qconv._batched, "UP_FRONT_MAX_NUMEL", second.weight.numel())
+    model(x)  # the first layer (216 weights) is too large: it computes its own when it runs
+    monkeypatch.undo()
+    assert seen == [(True, True), (True, False), (True, False), (False, False), (False, True)], seen
     with pytest.raises(RuntimeError):
         model(torch.randn(2, 5, 6, 6))  # the first conv refuses 5 channels: the second never runs
     assert seen[-1] == (True, True) and second.weight_override is None, "a weight outlived a forward that raised"

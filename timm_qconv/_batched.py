@@ -12,10 +12,11 @@ forward runs:
   class and bit width, all layers' levels in one call (:meth:`Quantizer.batched_levels`) and all
   their quantized weights in one compiled call, with one compiled backward;
 * for the rest (``"eager"``, the default), each layer's own computation, as its forward would
-  have run it, one layer after another. The same work, in another order: inside the forward it
-  ran right after the previous layer's convolution, which had evicted its code and data from
-  the caches, and each of its small calls cost several times what it costs here (a
-  ``torch.empty`` 20-60 µs instead of 1.5). A resnet34 step on 2 cores: 2-7% less time.
+  have run it, one layer after another, for layers of up to :data:`UP_FRONT_MAX_NUMEL` weights.
+  The same work, in another order: inside the forward it ran right after the previous layer's
+  convolution, which had evicted its code and data from the caches, and each of its small calls
+  cost several times what it costs here (a ``torch.empty`` 20-60 µs instead of 1.5). A resnet34
+  step on 2 cores: 1-7% less time.
 
 A layer whose weight changed since, that runs outside the model's own forward, or under other
 saved-tensor hooks (non-reentrant checkpointing), computes its weight itself as before. Results
@@ -162,6 +163,13 @@ class _Batch:
         return self.buffers, True
 
 
+#: Eager layers of at most this many weights get theirs computed ahead of the forward; larger ones
+#: when they run. Ahead of the forward, a weight stays alive until its layer runs: resnet34's six
+#: largest convs (13 M of its 21 M weights, in its last stage) would hold 52 MB through most of the
+#: forward, and gain least (their kernels outweigh their Python).
+UP_FRONT_MAX_NUMEL = 1 << 20
+
+
 def _eligible(layers: list[QuantMixin]) -> list[QuantMixin]:
     """The layers the compiled kernels can serve."""
     return [m for m in layers if m.quantizer.nearest and m.quant_config.n_levels <= MAX_COMPILED_LEVELS
@@ -230,7 +238,8 @@ class BatchedPath:
         if torch.compiler.is_compiling():  # traced code: each layer computes its own, as the user's graph has it
             return
         for layer in self._layers:
-            if layer.mode == "ste" and layer.weight.requires_grad and layer not in served:
+            if (layer.mode == "ste" and layer.weight.requires_grad and layer.weight.numel() <= UP_FRONT_MAX_NUMEL
+                    and layer not in served):
                 layer.weight_override = WeightOverride.of(layer.compute_weight(), layer.weight)
 
     def after_forward(self, model: nn.Module, args: Any, output: Any) -> None:
