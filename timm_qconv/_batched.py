@@ -238,8 +238,8 @@ class BatchedPath:
         if torch.compiler.is_compiling():  # traced code: each layer computes its own, as the user's graph has it
             return
         for layer in self._layers:
-            if (layer.mode == "ste" and layer.weight.requires_grad and layer.weight.numel() <= UP_FRONT_MAX_NUMEL
-                    and layer not in served):
+            if (layer.training and layer.mode == "ste" and layer.weight.requires_grad
+                    and layer.weight.numel() <= UP_FRONT_MAX_NUMEL and layer not in served):
                 layer.weight_override = WeightOverride.of(layer.compute_weight(), layer.weight)
 
     def after_forward(self, model: nn.Module, args: Any, output: Any) -> None:

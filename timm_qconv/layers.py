@@ -22,8 +22,8 @@ who does it (the layer imports nothing from the model-level batched path):
 
 * ``weight_override``: a :class:`WeightOverride` holding this layer's quantized weight, already
   computed elsewhere (the batched path computes all of a model's layers before its forward). The
-  next forward takes it, once, if the float weight is still the one it was computed from, in the
-  same grad mode and autocast; otherwise the layer computes its weight itself.
+  next training forward takes it, once, if the float weight is still the one it was computed
+  from, in the same grad mode and autocast; otherwise the layer computes its weight itself.
 * ``kernels``: the kernel backend this layer's own weight computation runs under (``None``: the
   one in force, see :mod:`timm_qconv._kernels`); set per model by ``quantize_model``.
 """
@@ -56,7 +56,7 @@ def _forward_context(weight: Tensor) -> tuple:
 
 @dataclass
 class WeightOverride:
-    """A quantized weight computed outside the layer for its next forward.
+    """A quantized weight computed outside the layer for its next training forward.
 
     Args:
         quantized: the quantized weight, with its graph where grad is enabled (the layer's shape and dtype).
@@ -115,15 +115,15 @@ class QuantMixin:
     def quantized_weight(self) -> Tensor:
         """The weight as used in eval: quantized, with the straight-through gradient.
 
-        A current :attr:`weight_override` stands in for it, once, where no other saved-tensor hooks
-        are in force.
+        A current :attr:`weight_override` stands in for it in a training forward, once, where no
+        other saved-tensor hooks are in force.
         """
         override = self.weight_override
         if override is not None:
             self.weight_override = None
             # Under other saved-tensor hooks (non-reentrant checkpointing) the backward may run this
             # forward again, when no override is left: the weight is then computed here both times.
-            if override.is_current(self.weight) and hooks_free():
+            if self.training and override.is_current(self.weight) and hooks_free():
                 return override.quantized
         return self.weight_cache.get(self.weight, self.quantizer, self.compute_weight)
 
