@@ -21,10 +21,20 @@ training again) clears the cache, as does :meth:`WeightCache.clear`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+
+
+def module_tensors(module: nn.Module, buffers: bool = True) -> Iterable[Tensor]:
+    """``module``'s parameters (and with ``buffers``, its buffers). A module without submodules has
+    them read from its own dicts: a third of the cost of the ``parameters()``/``buffers()``
+    generators, which the layers' version checks pay per layer and step."""
+    if module._modules:
+        return (*module.parameters(), *(module.buffers() if buffers else ()))
+    own = (*module._parameters.values(), *(module._buffers.values() if buffers else ()))
+    return [t for t in own if t is not None]
 
 
 def _tensor_key(t: Tensor) -> tuple:
@@ -48,11 +58,7 @@ class WeightCache:
         device = weight.device.type
         autocast = (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
                     and torch.get_autocast_dtype(device))
-        if quantizer._modules:
-            tensors = (weight, *quantizer.parameters(), *quantizer.buffers())
-        else:  # its own tensors, read directly: a third of the cost of the generators, paid per layer and batch
-            tensors = (weight, *(t for t in (*quantizer._parameters.values(), *quantizer._buffers.values())
-                                 if t is not None))
+        tensors = (weight, *module_tensors(quantizer))
         return (quantizer, quantizer.training, autocast, torch.is_inference_mode_enabled(),
                 *map(_tensor_key, tensors))
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .._groups import SortedGroups, as_rows, group_index, midpoints, row_chunks
 from .._kernels import lookup_codes, scale_grad, straight_through, threshold_codes
 from .._saved_codes import CodedWeight, tag
+from .._weight_cache import module_tensors
 from ..config import QuantConfig
 
 
@@ -269,10 +270,7 @@ class LastLookup:
 
     @staticmethod
     def _versions(quantizer: nn.Module, weight: Tensor) -> tuple[int, ...]:
-        # The quantizer's own parameters read directly (a tenth of .parameters()' cost, paid twice
-        # per layer and step); all of them, through .parameters(), for a quantizer with submodules.
-        params = quantizer._parameters.values() if not quantizer._modules else quantizer.parameters()
-        return (weight._version, *(p._version for p in params if p is not None))
+        return (weight._version, *(p._version for p in module_tensors(quantizer, buffers=False)))
 
     def keep(self, quantizer: nn.Module, weight: Tensor, error: Tensor, alive: Any) -> None:
         self.error, self.weight, self.alive = error, weight, weakref.ref(alive)
