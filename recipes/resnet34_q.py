@@ -192,15 +192,19 @@ def create_model(cfg: TimmConfig, info: DatasetInfo) -> nn.Module:
 def keep_freed_memory() -> bool:
     """Have glibc's malloc reuse large freed blocks instead of returning them to the system.
 
-    By default it unmaps every freed block above a threshold that grows only with use, so a CPU
-    training step maps much of its activations afresh and the kernel zeroes them page by page:
-    30,000-60,000 page faults a step of resnet18 on 28x28 images (batch 128), 8% of its time on
-    this project's 2-core machine. Blocks of up to 32 MiB (glibc's largest threshold) then come from the
-    heap, which is trimmed only when 1 GiB lies free at its top. Process-wide, like
+    By default glibc maps each block above a threshold (128 KiB at first, raised as such blocks are
+    freed, up to 32 MiB) afresh and unmaps it when freed, and gives back the heap's free top beyond
+    twice that threshold. A CPU training step then faults much of its activations in again, page
+    by page: 30,000-60,000 page faults a step of resnet18 on 28x28 images (batch 128), 8-10% of its
+    time on this project's 2-core machine. Here blocks of up to 32 MiB come from the heap, which is
+    trimmed only when 1 GiB lies free at its top. Process-wide, like
     ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824``.
     Returns False, changing nothing, where the C library has no ``mallopt`` (not glibc).
     """
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    try:
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    except (OSError, TypeError):  # no C library to load by that name (Windows)
+        return False
     trim_threshold, mmap_threshold = -1, -3  # glibc's M_TRIM_THRESHOLD and M_MMAP_THRESHOLD
     return mallopt is not None and bool(mallopt(mmap_threshold, 32 << 20)) and bool(mallopt(trim_threshold, 1 << 30))
 
