@@ -820,7 +820,7 @@ def test_numba_kernels_refuse_shapes_that_would_index_out_of_bounds():
         "groups beyond the table, backward": lambda: native.lookup_backward(codes, groups, table[:1], rows, None,
                                                                             1.0, 1.0),
         "codes of another shape": lambda: native.lookup_backward(codes[:, :10], groups, table, rows, None, 1.0, 1.0),
-        "groups beyond the table, decode": lambda: native.decode(codes, groups + 1, table),
+        "groups beyond the table, decode": lambda: native.decoder(codes, groups + 1, table)(),
     }
     for what, call in bad_calls.items():
         with pytest.raises(ValueError, match="timm_qconv kernels"):

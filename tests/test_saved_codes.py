@@ -8,7 +8,7 @@ from torch.utils.checkpoint import checkpoint
 
 from timm_qconv import QuantConv2d, QuantLinear, _saved_codes, get_method, layers, list_methods
 from timm_qconv import _kernels as kernels
-from timm_qconv._kernels import decode_codes, lookup_codes
+from timm_qconv._kernels import codes_decoder, lookup_codes
 
 THRESHOLDED = [m for m in list_methods() if get_method(m).thresholded]
 LAYERS = {
@@ -169,7 +169,7 @@ def test_an_in_place_edit_of_the_levels_before_the_backward_does_not_change_the_
 
 
 @pytest.mark.parametrize("n_levels", [2, 16, 256])
-def test_decode_codes_returns_the_lookup_values(n_levels, cpu_kernels, monkeypatch):
+def test_codes_decoder_returns_the_lookup_values(n_levels, cpu_kernels, monkeypatch):
     if cpu_kernels == "torch":
         monkeypatch.setattr(kernels, "_native_module", lambda: None)
     torch.manual_seed(0)
@@ -177,16 +177,16 @@ def test_decode_codes_returns_the_lookup_values(n_levels, cpu_kernels, monkeypat
     groups = torch.tensor([0, 2, 1, 1, 2])
     rows = torch.randn(5, 70)
     q, codes, _ = lookup_codes(table, rows, groups=groups)
-    assert torch.equal(decode_codes(table, groups, codes.to(torch.uint8)), q)
+    assert torch.equal(codes_decoder(table, groups, codes.to(torch.uint8))(), q)
 
 
 def test_decode_refuses_shapes_that_would_read_out_of_bounds():
     native = pytest.importorskip("timm_qconv._native")
     codes = torch.zeros(4, 5, dtype=torch.uint8)
     with pytest.raises(ValueError, match="group indexes below G"):
-        native.decode(codes, torch.tensor([0, 1, 2, 3]), torch.zeros(2, 4))
+        native.decoder(codes, torch.tensor([0, 1, 2, 3]), torch.zeros(2, 4))()
     with pytest.raises(ValueError, match="uint8"):
-        native.decode(codes.long(), torch.zeros(4, dtype=torch.long), torch.zeros(2, 4))
+        native.decoder(codes.long(), torch.zeros(4, dtype=torch.long), torch.zeros(2, 4))()
 
 
 @pytest.mark.parametrize("method", ["hash", "linear"])

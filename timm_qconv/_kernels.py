@@ -648,8 +648,10 @@ def lookup_codes(
 
 
 def codes_decoder(table: Tensor, groups: Tensor, codes: Tensor) -> Callable[[], Tensor]:
-    """:func:`decode_codes` to be called later, prepared now (checks, NumPy views for the Numba
-    kernel), so that a backward that decodes does the pass over the weights and little else."""
+    """A call that returns the ``(C, K)`` levels of the ``codes`` :func:`lookup_codes` found, row
+    ``c`` reading row ``groups[c]`` of ``table`` (G, L), in the table's dtype: its ``q``, bit for
+    bit, without a gradient. Prepared now (checks, NumPy views for the Numba kernel), so that a
+    backward that decodes does the pass over the weights and little else."""
     table = table.detach().contiguous()
     if (codes.device.type == "cpu" and codes.dtype == torch.uint8 and table.dtype == torch.float32
             and not torch.compiler.is_compiling()):
@@ -661,9 +663,3 @@ def codes_decoder(table: Tensor, groups: Tensor, codes: Tensor) -> Callable[[], 
 
 def _gather_codes(table: Tensor, groups: Tensor, codes: Tensor) -> Tensor:
     return table[groups].gather(1, codes.long())
-
-
-def decode_codes(table: Tensor, groups: Tensor, codes: Tensor) -> Tensor:
-    """The ``(C, K)`` levels of the ``codes`` :func:`lookup_codes` found, row ``c`` reading row
-    ``groups[c]`` of ``table`` (G, L), in the table's dtype: its ``q``, bit for bit, without a gradient."""
-    return codes_decoder(table, groups, codes)()

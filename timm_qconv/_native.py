@@ -647,8 +647,10 @@ def lookup_backward(codes: Tensor, groups: Tensor, table: Tensor, rows: Tensor, 
 
 
 def decoder(codes: Tensor, groups: Tensor, table: Tensor) -> Callable[[], Tensor]:
-    """:func:`decode` checked and prepared now, run when called: the training forward prepares
-    the decode its backward runs, which then makes the pass over the weights and little else."""
+    """A call that returns the float32 ``(C, K)`` levels of uint8 ``codes``: row ``c`` reads row
+    ``groups[c]`` of ``table`` (G, L); the codes are the forward's (:func:`lookup_forward`), all
+    below L. Checked and prepared now: the training forward prepares the decode its backward runs,
+    which then makes the pass over the weights and little else."""
     n_rows = codes.shape[0]
     if (codes.ndim != 2 or codes.dtype != torch.uint8 or not codes.is_contiguous() or table.ndim != 2
             or not table.is_contiguous() or groups.shape != (n_rows,)):
@@ -665,9 +667,3 @@ def decoder(codes: Tensor, groups: Tensor, table: Tensor) -> Callable[[], Tensor
         return q
 
     return decode_now
-
-
-def decode(codes: Tensor, groups: Tensor, table: Tensor) -> Tensor:
-    """The float32 ``(C, K)`` levels of uint8 ``codes``: row ``c`` reads row ``groups[c]`` of
-    ``table`` (G, L). The codes are the forward's (:func:`lookup_forward`), all below L."""
-    return decoder(codes, groups, table)()

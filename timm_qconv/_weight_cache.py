@@ -37,6 +37,14 @@ def module_tensors(module: nn.Module, buffers: bool = True) -> Iterable[Tensor]:
     return [t for t in own if t is not None]
 
 
+def autocast_dtype(tensor: Tensor) -> torch.dtype | bool:
+    """The autocast dtype in force for ``tensor``'s device, else False: part of what a quantized
+    weight computed now depends on (its levels' precision)."""
+    device = tensor.device.type
+    return (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+            and torch.get_autocast_dtype(device))
+
+
 def _tensor_key(t: Tensor) -> tuple:
     return t, t._version, t.data_ptr(), t.dtype, t.device
 
@@ -55,11 +63,8 @@ class WeightCache:
 
     @staticmethod
     def _key(weight: Tensor, quantizer: nn.Module) -> tuple:
-        device = weight.device.type
-        autocast = (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-                    and torch.get_autocast_dtype(device))
         tensors = (weight, *module_tensors(quantizer))
-        return (quantizer, quantizer.training, autocast, torch.is_inference_mode_enabled(),
+        return (quantizer, quantizer.training, autocast_dtype(weight), torch.is_inference_mode_enabled(),
                 *map(_tensor_key, tensors))
 
     @staticmethod

@@ -39,7 +39,7 @@ from ._errors import all_finite, check_choice
 from ._kernels import get_backend, use_backend
 from ._registry import config_owner, make_config
 from ._saved_codes import autocast_weight, hooks_free, saved_as_codes
-from ._weight_cache import WeightCache
+from ._weight_cache import WeightCache, autocast_dtype
 from .config import QuantConfig
 from .methods.base import Quantizer
 
@@ -48,10 +48,7 @@ MODES = ("ste", "float")
 
 def _forward_context(weight: Tensor) -> tuple:
     """What else a quantized weight depends on: grad mode (its graph) and autocast (its levels)."""
-    device = weight.device.type
-    autocast = (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-                and torch.get_autocast_dtype(device))
-    return torch.is_grad_enabled(), autocast
+    return torch.is_grad_enabled(), autocast_dtype(weight)
 
 
 @dataclass
